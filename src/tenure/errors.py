@@ -1,0 +1,49 @@
+"""Exceptions raised by tenure.
+
+Every error tenure raises derives from :class:`TenureError`, so callers can
+catch one name. gRPC and etcd client errors never escape raw: they arrive as
+:class:`EtcdUnavailable` (the cluster could not be reached or did not answer
+in time) or :class:`EtcdError` (it answered with an error).
+"""
+
+from __future__ import annotations
+
+
+class TenureError(Exception):
+    """Base class of every tenure error."""
+
+
+class ConfigError(TenureError, ValueError):
+    """Bad input: a malformed endpoint, an impossible ttl, an invalid name.
+
+    Raised before anything is changed.
+    """
+
+
+class EtcdError(TenureError):
+    """etcd answered a request with an error."""
+
+
+class EtcdUnavailable(EtcdError):
+    """No etcd endpoint answered within the allowed time."""
+
+
+class CampaignTimeout(TenureError, TimeoutError):
+    """A campaign did not win leadership before its timeout."""
+
+
+class NotLeader(TenureError):
+    """The caller acted as leader but its leadership is not (or no longer) valid."""
+
+
+class Fenced(TenureError):
+    """Shared storage rejected a write because a newer term's token was seen.
+
+    ``token`` is the token that was rejected; ``current`` the newest token the
+    storage knows, when it could tell.
+    """
+
+    def __init__(self, message: str, *, token: int | None = None, current: int | None = None):
+        super().__init__(message)
+        self.token = token
+        self.current = current
