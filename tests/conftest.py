@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Iterator
+
+import pytest
+
+import tenure
+from tenure.localetcd import LocalEtcd
+
+from support import PG_BIN, LocalPostgres
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[LocalEtcd]:
+    """A real 3-member etcd cluster on loopback, with etcd's default timing (minimum lease 2 s)."""
+    cluster = LocalEtcd(size=3).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def healthy_etcd(etcd: LocalEtcd) -> LocalEtcd:
+    """The session cluster with every member running again after a test that killed some."""
+    yield etcd
+    for i in range(etcd.size):
+        etcd.restart(i)
+    etcd.wait_healthy(60)
+
+
+@pytest.fixture
+def client(etcd: LocalEtcd) -> Iterator[tenure.Client]:
+    c = tenure.connect(etcd.endpoints)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def service() -> str:
+    """A service name no other test uses."""
+    return f"svc{next(_names)}-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    if not os.path.exists(f"{PG_BIN}/initdb"):
+        pytest.fail(f"PostgreSQL 15 binaries not found in {PG_BIN} (apt-get install postgresql-15)")
+    pg = LocalPostgres().start()
+    yield pg
+    pg.stop()
