@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable
 
+from tenure._candidate import CandidateProcess as CandidateProc
 from tenure.localetcd import free_ports
 
 PG_BIN = os.environ.get("TENURE_PG_BIN", "/usr/lib/postgresql/15/bin")
@@ -28,81 +25,6 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-
-
-class CandidateProc:
-    """A ``python -m tenure._candidate`` process and the events it printed."""
-
-    def __init__(self, endpoints: list[str], service: str, member: str, *, ttl: float = 2,
-                 pg: str | None = None, observe: bool = False) -> None:
-        cmd = [sys.executable, "-m", "tenure._candidate", "--endpoints", ",".join(endpoints),
-               "--service", service, "--member", member, "--ttl", str(ttl)]
-        if pg:
-            cmd += ["--pg", pg]
-        if observe:
-            cmd.append("--observe")
-        self.member = member
-        self.killed_at = float("inf")
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(ev)
-                self._cond.notify_all()
-
-    def wait_event(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str,
-                   start: int = 0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for ev in self.events[start:]:
-                    if pred(ev):
-                        return ev
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{self.member}: timed out after {timeout} s waiting for {what}; "
-                                         f"last events: {self.events[-5:]}")
-                self._cond.wait(min(left, 0.1))
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
-    def request(self, command: str, timeout: float = 10) -> dict[str, Any]:
-        start = len(self.events)
-        self.send(command)
-        return self.wait_event(lambda e: e["ev"] == "reply" and e["cmd"] == command, timeout,
-                               f"reply to {command}", start)
-
-    def signal(self, sig: int) -> None:
-        if sig == signal.SIGKILL:
-            self.killed_at = time.monotonic()  # a killed leader's term ends here at the latest
-        os.killpg(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with_suppress(lambda: os.killpg(self.proc.pid, signal.SIGCONT))
-            self.killed_at = min(self.killed_at, time.monotonic())
-            with_suppress(lambda: os.killpg(self.proc.pid, signal.SIGKILL))
-        self.proc.wait(10)
-
-
-def with_suppress(fn: Callable[[], Any]) -> None:
-    try:
-        fn()
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def current_leaders(cands: list[CandidateProc]) -> list[CandidateProc]:

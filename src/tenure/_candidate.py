@@ -16,16 +16,94 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import queue
+import signal
+import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import connect
 from .election import Election, Leadership
 from .errors import TenureError
 from .fencing import etcd_put, install_pg_fence, pg_fence
+
+
+class CandidateProcess:
+    """The parent side: one ``python -m tenure._candidate`` process and the events it printed."""
+
+    def __init__(self, endpoints: list[str], service: str, member: str, *, ttl: float = 2,
+                 pg: str | None = None, observe: bool = False) -> None:
+        cmd = [sys.executable, "-m", "tenure._candidate", "--endpoints", ",".join(endpoints),
+               "--service", service, "--member", member, "--ttl", str(ttl)]
+        if pg:
+            cmd += ["--pg", pg]
+        if observe:
+            cmd.append("--observe")
+        self.member = member
+        self.killed_at = float("inf")
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                self.events.append(ev)
+                self._cond.notify_all()
+
+    def wait_event(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+                   start: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events[start:]:
+                    if pred(ev):
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.member}: timed out after {timeout} s waiting for {what}; "
+                                         f"last events: {self.events[-5:]}")
+                self._cond.wait(min(left, 0.1))
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def request(self, command: str, timeout: float = 10) -> dict[str, Any]:
+        start = len(self.events)
+        self.send(command)
+        return self.wait_event(lambda e: e["ev"] == "reply" and e["cmd"] == command, timeout,
+                               f"reply to {command}", start)
+
+    def signal(self, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            self.killed_at = time.monotonic()  # a killed leader's term ends here at the latest
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            _suppress(lambda: os.killpg(self.proc.pid, signal.SIGCONT))
+            self.killed_at = min(self.killed_at, time.monotonic())
+            _suppress(lambda: os.killpg(self.proc.pid, signal.SIGKILL))
+        self.proc.wait(10)
+
+
+def _suppress(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def emit(**fields: Any) -> None:
@@ -107,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             if leadership.reason == "resigned":
                 # Stand aside until someone else leads, so a resign really hands over.
                 moved = threading.Event()
-                stop = election.on_change(lambda info: info is not None and info.token != leadership.token
+                stop = election.on_change(lambda info: info is not None and info.token > leadership.token
                                           and moved.set())
                 moved.wait(timeout=5 * args.ttl)
                 stop()
@@ -121,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd = ""
         if held:
             last = held[-1]
-        if last is not None and last.lost.is_set() and last.token not in reported:
-            reported.add(last.token)
-            emit(ev="lost", member=args.member, token=last.token, reason=last.reason, t=time.monotonic(),
-                 valid_until=last.deadline)
+        for leadership in list(held):
+            if leadership.lost.is_set() and leadership.token not in reported:
+                reported.add(leadership.token)
+                emit(ev="lost", member=args.member, token=leadership.token, reason=leadership.reason,
+                     t=time.monotonic(), valid_until=leadership.deadline)
         if cmd == "quit":
             return 0
         if cmd == "resign" and last is not None:
