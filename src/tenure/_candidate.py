@@ -35,7 +35,7 @@ class CandidateProcess:
     """The parent side: one ``python -m tenure._candidate`` process and the events it printed."""
 
     def __init__(self, endpoints: list[str], service: str, member: str, *, ttl: float = 2,
-                 pg: str | None = None, observe: bool = False) -> None:
+                 pg: str | None = None, observe: bool = False, stderr: Any = None) -> None:
         cmd = [sys.executable, "-m", "tenure._candidate", "--endpoints", ",".join(endpoints),
                "--service", service, "--member", member, "--ttl", str(ttl)]
         if pg:
@@ -46,8 +46,8 @@ class CandidateProcess:
         self.killed_at = float("inf")
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                     text=True, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

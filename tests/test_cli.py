@@ -1,0 +1,50 @@
+"""The tenure command: status, history, and the README's demo."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+import tenure
+from tenure import cli, demo
+
+
+def test_status_and_history(etcd, client: tenure.Client, service: str, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    endpoints = ",".join(etcd.endpoints)
+    election = tenure.Election(client, service, member="db1", value={"dsn": "host=db1"})
+    first = election.campaign(timeout=5)
+    first.resign()
+    second = election.campaign(timeout=5)
+
+    assert cli.main(["--endpoints", endpoints, "status", service]) == 0
+    out = capsys.readouterr().out
+    assert f"{service}: leader db1 (token {second.token}" in out and "host=db1" in out
+
+    assert cli.main(["--endpoints", endpoints, "status", service, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["leader"]["token"] == second.token
+
+    assert cli.main(["--endpoints", endpoints, "history", service, "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)
+    assert [h["token"] for h in history] == [first.token, second.token]
+    assert history[0]["reason"] == "resigned" and history[1]["end"] is None
+
+    second.resign()
+    assert cli.main(["--endpoints", endpoints, "status", service]) == 3  # no leader: non-zero for scripts
+    assert "NO LEADER" in capsys.readouterr().out
+    election.close()
+
+
+def test_cli_reports_bad_endpoint_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--endpoints", "localhost:2379", "status"]) == 2
+    assert "ConfigError: malformed etcd endpoint 'localhost:2379'" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end() -> None:
+    out = io.StringIO()
+    assert demo.run(ttl=2, out=out) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "tokens strictly increased: True; deposed leader fenced: True" in text
+    assert "is_valid() = False" in text
