@@ -97,6 +97,7 @@ class _Lease:
         self.ttl = lease.ttl
         self.margin = margin
         self.renewed = t_sent  # monotonic time taken before the last request etcd answered
+        self.leading = False  # set once this lease holds the leader key: then it reports to metrics
         self.on_expired: Callable[[str], None] = lambda reason: None
         self._stop = threading.Event()
         self.expired = threading.Event()
@@ -141,6 +142,8 @@ class _Lease:
             failing = False
             self.renewed = max(self.renewed, t_sent)
             next_at = t_sent + interval
+            if self.leading:
+                metrics.LEASE_REMAINING.labels(*self._labels).set(self.deadline - time.monotonic())
 
     def _expire(self, reason: str) -> None:
         self.expired.set()
@@ -355,6 +358,7 @@ class Election:
             lease.stop()
             return None
         lease.on_expired = lambda reason: self._on_lost(leadership, reason)
+        lease.leading = True
         if lease.expired.is_set():
             self._on_lost(leadership, "no lease renewal before the local deadline")
         with self._lock:
