@@ -389,7 +389,7 @@ class Election:
                 if old.get("token", 0) < token and old.get("end") is None:
                     old.update(end=rec["start"], reason="expired (lease ran out)")
                     self.client.put(kv.key, json.dumps(old), guard=guard)
-            for kv in kvs[: max(0, len(kvs) + 1 - HISTORY_KEEP)]:
+            for kv in kvs[: max(0, len(kvs) - HISTORY_KEEP)]:
                 self.client.delete(kv.key, guard=guard)
         except EtcdError as e:
             log.info("%s/%s: could not update the history: %s", self.service, self.member, e)

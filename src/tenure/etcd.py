@@ -171,6 +171,7 @@ class Client:
         self._channels: dict[int, grpc.Channel] = {}
         self._current = 0
         self._closed = False
+        self._watches: list[Watch] = []
 
     # -- plumbing ---------------------------------------------------------
 
@@ -396,11 +397,18 @@ class Client:
         Callbacks run on the watch's own thread.
         """
         w = Watch(self, key, prefix, on_snapshot, on_events)
+        with self._lock:
+            self._watches = [x for x in self._watches if x._thread.is_alive()] + [w]
         w.start()
         return w
 
     def close(self) -> None:
+        """Cancel this client's watches and close its connections."""
         self._closed = True
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for w in watches:
+            w.cancel()
         with self._lock:
             for ch in self._channels.values():
                 ch.close()
