@@ -32,7 +32,8 @@ def one_round(cluster: LocalEtcd, service: str, ttl: int) -> dict[str, float | b
     def rival(e: tenure.Election) -> None:
         while not stop.is_set():
             try:
-                won.append((time.monotonic(), e.campaign(timeout=0.5)))
+                leadership = e.campaign(timeout=0.5)
+                won.append((time.monotonic(), leadership))
                 return
             except tenure.errors.TenureError:
                 pass

@@ -47,3 +47,19 @@ class Fenced(TenureError):
         super().__init__(message)
         self.token = token
         self.current = current
+
+
+class ServiceError(TenureError):
+    """A local service (PostgreSQL, Solr, memcached) failed an operation.
+
+    The message includes the service's own error message; ``detail`` holds it
+    alone when there is one.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
+
+
+class ReadOnly(TenureError):
+    """A write was attempted while the service has no valid primary."""

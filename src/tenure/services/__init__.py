@@ -1,0 +1,1 @@
+"""Adapters for the services tenure fails over; they know nothing of etcd."""
