@@ -200,14 +200,16 @@ class Leadership:
         if not self.is_valid():
             raise NotLeader(f"{self.member} no longer leads {self.service} (term {self.token}): {self.reason or 'deadline passed'}")
 
-    def put(self, key: str, value: bytes | str) -> int:
+    def put(self, key: str, value: bytes | str, *, ephemeral: bool = False) -> int:
         """Write ``key`` in etcd only if this term is still current; return the revision.
 
-        Raises :class:`NotLeader` if the local deadline has passed and
-        :class:`Fenced` if etcd has a newer term (or none).
+        With ``ephemeral`` the key is bound to this term's lease, so etcd
+        deletes it when the term ends. Raises :class:`NotLeader` if the local
+        deadline has passed and :class:`Fenced` if etcd has a newer term (or none).
         """
         self.check()
-        return etcd_put(self._election.client, self.service, self.token, key, value)
+        return etcd_put(self._election.client, self.service, self.token, key, value,
+                        lease=self._lease.id if ephemeral else 0)
 
     def resign(self) -> None:
         """Step down: stop acting as leader now, then release the leader key."""

@@ -46,9 +46,10 @@ def _check_token(token: object) -> int:
     return token
 
 
-def etcd_put(client: Client, service: str, token: int, key: str, value: bytes | str) -> int:
+def etcd_put(client: Client, service: str, token: int, key: str, value: bytes | str, *, lease: int = 0) -> int:
     """Write ``key`` only while ``token`` is the current term of ``service``; return the revision.
 
+    With ``lease``, the key is bound to that etcd lease and vanishes with it.
     Raises :class:`Fenced` if the service has a newer leader, or none.
     """
     check_name("service", service)
@@ -56,7 +57,7 @@ def etcd_put(client: Client, service: str, token: int, key: str, value: bytes | 
     lk = leader_key(service)
     if key == lk:
         raise ConfigError("the leader key is written by the election, not through a fence")
-    revision = client.put(key, value, guard=(lk, token))
+    revision = client.put(key, value, lease=lease, guard=(lk, token))
     if revision is None:
         current = client.get(lk)
         now = current.create_revision if current is not None else None
