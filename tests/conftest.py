@@ -51,3 +51,11 @@ def postgres() -> Iterator[LocalPostgres]:
     pg = LocalPostgres().start()
     yield pg
     pg.stop()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Expose each phase's report as ``item.rep_<phase>`` so fixtures can tell a failed test at teardown."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

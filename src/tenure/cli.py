@@ -1,4 +1,4 @@
-"""The ``tenure`` command: status, history and demo.
+"""The ``tenure`` command: status, history, sidecar and demo.
 
 Endpoints come from ``--endpoints`` or ``TENURE_ENDPOINTS`` (comma-separated
 ``http://host:port``).
@@ -74,6 +74,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from .sidecar import main as sidecar_main
+
+    return sidecar_main(args.config)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -98,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--limit", type=int, default=20)
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_history)
+
+    sc = sub.add_parser("sidecar", help="run beside a PostgreSQL server: elect, promote, fence, rejoin")
+    sc.add_argument("--config", required=True, help="TOML file (see examples/sidecar-postgres.toml)")
+    sc.set_defaults(fn=cmd_sidecar)
 
     d = sub.add_parser("demo", help="start a local etcd and three candidates, kill the leader, print the timeline")
     d.add_argument("--ttl", type=int, default=2)

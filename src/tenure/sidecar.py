@@ -340,6 +340,10 @@ class Sidecar:
             if st.role == "standby":
                 self.node.promote()
                 self._note("promoted", token=leadership.token)
+            pg = self.config.postgres
+            if pg.guard_tables or pg.guard_schema:
+                with self.node.connect() as conn:
+                    pg_guard.install_guard(conn, tables=pg.guard_tables or None, schema=pg.guard_schema)
             self._renew_guard(leadership)
         except TenureError as e:
             log.error("could not take over as primary: %s; resigning", e)
