@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     def campaign() -> None:
         while True:
             leadership = election.campaign()
+            held.append(leadership)  # before telling anyone, so a 'resign' right after finds it
             emit(ev="elected", member=args.member, token=leadership.token, t=time.monotonic(),
                  deadline=leadership.deadline)
-            held.append(leadership)
             commands.put("")  # wake the main loop
             leadership.lost.wait()
             if leadership.reason == "resigned":
