@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from typing import Any, Callable
 
 from tenure._candidate import CandidateProcess as CandidateProc
-from tenure.localetcd import free_ports
+from tenure.localpg import LocalPostgres as _LocalPostgres
 
 PG_BIN = os.environ.get("TENURE_PG_BIN", "/usr/lib/postgresql/15/bin")
 
@@ -64,33 +61,8 @@ def assert_one_writer(cands: list[CandidateProc]) -> list[tuple[int, str, float,
     return ts
 
 
-class LocalPostgres:
-    """One PostgreSQL 15 server on loopback, run as the ``postgres`` user (it refuses root)."""
+class LocalPostgres(_LocalPostgres):
+    """One PostgreSQL 15 server on loopback (tenure.localpg), with the binaries from ``TENURE_PG_BIN``."""
 
     def __init__(self) -> None:
-        self.base = tempfile.mkdtemp(prefix="tenure-pg-")
-        os.chmod(self.base, 0o755)
-        self.data = os.path.join(self.base, "data")
-        self.port = free_ports(1)[0]
-        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    @property
-    def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
-
-    def start(self) -> "LocalPostgres":
-        if os.geteuid() == 0:
-            shutil.chown(self.base, "postgres", "postgres")
-        run = lambda *a: subprocess.run(self._as + list(a), check=True, capture_output=True, text=True)  # noqa: E731
-        run(f"{PG_BIN}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-            "--locale=C.UTF-8", "--no-sync")
-        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
-            f.write(f"listen_addresses = '127.0.0.1'\nunix_socket_directories = '{self.base}'\nfsync = off\n")
-        run(f"{PG_BIN}/pg_ctl", "-D", self.data, "-l", os.path.join(self.base, "log"),
-            "-o", f"-p {self.port}", "-w", "start")
-        return self
-
-    def stop(self) -> None:
-        subprocess.run(self._as + [f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(self.base, ignore_errors=True)
+        super().__init__(bin_dir=PG_BIN)

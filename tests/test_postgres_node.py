@@ -7,6 +7,7 @@ tests that fail over get a fresh 3-node cluster each.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -67,7 +68,8 @@ def auto_conf(node: PostgresNode) -> str:
 def test_status_of_primary_and_standbys(cluster: LocalPostgresCluster) -> None:
     n1, n2, n3 = cluster.nodes
     p = n1.status()
-    assert (p.healthy, p.role, p.timeline, p.read_only, p.streaming, p.upstream) == (True, "primary", 1, False, False, None)
+    assert (p.healthy, p.role, p.timeline, p.read_only) == (True, "primary", 1, False)
+    assert (p.streaming, p.upstream) == (False, None)
     assert isinstance(p.wal_current, int) and p.wal_current > 0
     assert p.wal_received is None and p.wal_replayed is None
     for s in (n2, n3):
@@ -231,13 +233,13 @@ def test_a_data_dir_that_is_not_a_cluster_is_refused_and_nothing_is_created() ->
         os.mkdir(empty)
         for d in (missing, empty):
             node = PostgresNode("nx", d, free_ports(1)[0], bin_dir=PG_BIN)
-            for op in (node.start, node.stop, node.is_running, node.demote, lambda: node.rejoin("host=127.0.0.1 port=1")):
+            ops = (node.start, node.stop, node.is_running, node.demote, lambda: node.rejoin("host=127.0.0.1 port=1"))
+            for op in ops:
                 with pytest.raises(ConfigError, match="does not exist|not a PostgreSQL cluster"):
                     op()
         assert sorted(os.listdir(base)) == ["empty"] and os.listdir(empty) == []
     finally:
-        os.rmdir(os.path.join(base, "empty"))
-        os.rmdir(base)
+        shutil.rmtree(base)
 
     with pytest.raises(ConfigError, match="no pg_ctl"):
         PostgresNode("nx", "/nonexistent", 5432, bin_dir="/usr/bin")
@@ -263,6 +265,22 @@ def test_a_wrong_port_is_down_and_promote_says_why(cluster: LocalPostgresCluster
     assert err.value.detail and "refused" in err.value.detail.lower() and err.value.detail in msg
     with pytest.raises(ServiceError, match="pg_stat_replication"):
         node.replicas()
+    with pytest.raises(ServiceError, match="cannot connect"):
+        with node.connect():
+            pass
+
+
+def test_connect_bounds_statements_and_reports_server_errors(cluster: LocalPostgresCluster) -> None:
+    n1 = cluster.nodes[0]
+    with n1.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(ServiceError, match="canceling statement due to statement timeout"):
+        with n1.connect(statement_timeout=0.1) as conn:
+            conn.execute("SELECT pg_sleep(5)")
+    with pytest.raises(ServiceError) as err:
+        with n1.connect() as conn:
+            conn.execute("SELECT * FROM no_such_table")
+    assert err.value.detail and 'relation "no_such_table" does not exist' in err.value.detail
 
 
 def test_rejoin_refuses_a_source_that_is_not_a_primary(cluster: LocalPostgresCluster) -> None:

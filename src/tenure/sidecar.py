@@ -55,6 +55,15 @@ def _dsn_target(dsn: str) -> tuple[str, int]:
     return parts.get("host", "127.0.0.1"), int(parts.get("port", "5432"))
 
 
+def _position(st: NodeStatus | dict[str, Any]) -> int:
+    """How much WAL a node has: a primary's current position, or the most a standby received or replayed.
+
+    (Right after a standby restarts, its receive position starts at a segment boundary behind replay.)
+    """
+    get = st.get if isinstance(st, dict) else lambda k: getattr(st, k)
+    return max(get("wal_current") or 0, get("wal_received") or 0, get("wal_replayed") or 0)
+
+
 class Sidecar:
     """One PostgreSQL node's sidecar; :meth:`run` blocks until :meth:`stop`."""
 
@@ -285,7 +294,7 @@ class Sidecar:
             return False, f"role {st.role}"
         if time.monotonic() - self._last_streaming > 2 * cfg.ttl + 1:
             return False, "not streaming recently"
-        lag = self._primary_wal - (st.wal_received or 0)
+        lag = self._primary_wal - _position(st)
         if lag > cfg.postgres.max_lag_bytes:
             return False, f"lag {lag} bytes > max_lag_bytes {cfg.postgres.max_lag_bytes}"
         if cfg.postgres.synchronous and cfg.member not in self._sync_names:
@@ -301,12 +310,12 @@ class Sidecar:
 
     def _rank(self, st: NodeStatus) -> int:
         """How many eligible members are better placed than this one."""
-        mine = (st.wal_received or st.wal_current or 0, self.config.priority, self.config.member)
+        mine = (_position(st), self.config.priority, self.config.member)
         better = 0
         for name, rec in self._members.items():
             if name == self.config.member or not rec.get("eligible"):
                 continue
-            theirs = (rec.get("wal_received") or rec.get("wal_current") or 0, rec.get("priority", 0), name)
+            theirs = (_position(rec), rec.get("priority", 0), name)
             # More WAL first, then higher priority, then the smaller name.
             if (theirs[0], theirs[1]) > (mine[0], mine[1]) or (theirs[:2] == mine[:2] and name < mine[2]):
                 better += 1
@@ -353,6 +362,13 @@ class Sidecar:
         self._lead(leadership, self.node.status())
 
     # -- reporting ------------------------------------------------------------
+
+    def lag(self) -> int | None:
+        """Bytes this standby is behind the newest primary position it has seen (None if not a standby)."""
+        st = self.status
+        if st is None or st.role != "standby":
+            return None
+        return max(0, self._primary_wal - _position(st))
 
     def snapshot(self) -> dict[str, Any]:
         """The sidecar's view, for /status."""

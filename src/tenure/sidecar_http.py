@@ -50,8 +50,8 @@ def _checks(sidecar: "Sidecar", path: str, query: dict[str, list[str]]) -> tuple
                 limit = int(query["lag"][0])
             except ValueError:
                 return 400, {"error": "lag must be an integer number of bytes"}
-            lag = max(0, sidecar._primary_wal - (st.wal_replayed or st.wal_received or 0))
-            ok = lag <= limit
+            lag = sidecar.lag()
+            ok = lag is not None and lag <= limit
         return (200 if ok else 503), {"role": st.role if st else "down", "streaming": bool(st and st.streaming),
                                       "lag": lag}
     if path == "/read-only":

@@ -28,12 +28,14 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
-from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
@@ -238,25 +240,39 @@ class PostgresNode:
     def _fail(self, what: str, detail: str) -> ServiceError:
         return ServiceError(f"{self._where()}: {what}: {detail}", detail=detail)
 
-    @contextmanager
-    def _connect(self, statement_timeout: float = 5.0, dsn: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-        """An autocommit connection whose statements are bounded by ``statement_timeout``."""
-        conn = psycopg.connect(
+    def _open(self, statement_timeout: float = 5.0, dsn: str | None = None) -> psycopg.Connection[Any]:
+        """A new autocommit connection whose statements are bounded by ``statement_timeout``."""
+        return psycopg.connect(
             dsn or self.dsn,
             autocommit=True,
             # libpq counts whole seconds and treats anything under 2 as 2.
             connect_timeout=max(2, math.ceil(self.connect_timeout)),
             options=f"-c statement_timeout={int(statement_timeout * 1000)}",
         )
-        try:
-            yield conn
-        finally:
-            conn.close()
 
-    def _sql(self, what: str, query: Any, params: Any = None, *, statement_timeout: float = 5.0) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def connect(self, *, statement_timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
+        """An autocommit psycopg connection to this node, closed on exit.
+
+        Each statement is bounded by ``statement_timeout`` seconds. Failing to
+        connect, and any psycopg error raised inside the block, become a
+        :class:`ServiceError` with the server's message.
+        """
+        try:
+            conn = self._open(statement_timeout)
+        except psycopg.Error as e:
+            raise self._fail("cannot connect", _message(e)) from e
+        try:
+            with conn:
+                yield conn
+        except psycopg.Error as e:
+            raise self._fail("statement failed", _message(e)) from e
+
+    def _sql(self, what: str, query: Any, params: Any = None, *,
+             statement_timeout: float = 5.0) -> list[tuple[Any, ...]]:
         """Run one statement on this node; any failure becomes a ServiceError naming ``what``."""
         try:
-            with self._connect(statement_timeout) as conn:
+            with self._open(statement_timeout) as conn:
                 cur = conn.execute(query, params)
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as e:
@@ -278,7 +294,8 @@ class PostgresNode:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            raise self._fail(f"{tool} did not finish within {timeout:.1f} s", (err or out).strip() or "no output") from None
+            detail = (err or out).strip() or "no output"
+            raise self._fail(f"{tool} did not finish within {timeout:.1f} s", detail) from None
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     def _require_cluster(self) -> None:
@@ -319,11 +336,12 @@ class PostgresNode:
             os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, path)
 
-    def _pg_ctl_options(self, *, isolated: bool = False) -> str:
+    def _pg_ctl_options(self, *, isolated_socket_dir: str | None = None) -> str:
         opts = ["-p", str(self.port), "-c", f"cluster_name={self.name}"]
-        if isolated:
-            # Nobody can connect: used to run a diverged old primary through recovery.
-            opts += ["-c", "listen_addresses=", "-k", ""]
+        if isolated_socket_dir:
+            # No TCP, and a socket only in a private directory: nobody connects to
+            # a diverged old primary while it runs through recovery.
+            opts += ["-c", "listen_addresses=", "-k", isolated_socket_dir]
         elif self.socket_dir:
             opts += ["-k", self.socket_dir]
         # pg_ctl hands this string to /bin/sh.
@@ -334,7 +352,7 @@ class PostgresNode:
     def status(self) -> NodeStatus:
         """Ask the server what it is. Never raises for a server that does not answer: role ``"down"``."""
         try:
-            with self._connect(statement_timeout=max(2.0, self.connect_timeout)) as conn:
+            with self._open(statement_timeout=max(2.0, self.connect_timeout)) as conn:
                 row = conn.execute(_STATUS_SQL).fetchone()
         except psycopg.Error as e:
             return NodeStatus(healthy=False, role="down", error=_message(e))
@@ -402,25 +420,26 @@ class PostgresNode:
             self._write_standby_config(standby_of)
         self._pg_ctl_start(timeout)
 
-    def _pg_ctl_start(self, timeout: float, *, isolated: bool = False) -> None:
+    def _pg_ctl_start(self, timeout: float, *, isolated_socket_dir: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         if not os.path.exists(self.log_file):
             # pg_ctl opens the log as the server's user, who may not be able to create it here.
             self._write_log_file()
         since = self._log_size()
         res = self._run("pg_ctl", "start", "-D", self.data_dir, "-l", self.log_file, "-w",
-                        "-t", str(max(1, math.ceil(timeout))), "-o", self._pg_ctl_options(isolated=isolated),
+                        "-t", str(max(1, math.ceil(timeout))),
+                        "-o", self._pg_ctl_options(isolated_socket_dir=isolated_socket_dir),
                         timeout=timeout + 5)
         if res.returncode != 0:
             detail = "\n".join(x for x in ((res.stderr or res.stdout).strip(), self._log_tail(since)) if x)
             raise self._fail("pg_ctl start failed", detail)
-        if isolated:
+        if isolated_socket_dir:
             return
         # pg_ctl -w waits for the postmaster to say "ready"; make sure it answers us too.
         last = ""
         while True:
             try:
-                with self._connect(2.0) as conn:
+                with self._open(2.0) as conn:
                     conn.execute("SELECT 1")
                 log.info("%s: started on port %d", self.name, self.port)
                 return
@@ -485,7 +504,7 @@ class PostgresNode:
             raise self._fail("cannot promote", f"it is not a standby (role {st.role})")
         wait_s = max(1, math.ceil(timeout))
         try:
-            with self._connect(statement_timeout=wait_s + 5) as conn:
+            with self._open(statement_timeout=wait_s + 5) as conn:
                 src = conn.execute("SELECT sourcefile FROM pg_settings WHERE name = 'default_transaction_read_only'"
                                    ).fetchone()
                 if src and src[0] and src[0].endswith("postgresql.auto.conf"):
@@ -515,7 +534,7 @@ class PostgresNode:
             log.info("%s: demote: already down", self.name)
             return
         try:
-            with self._connect(statement_timeout=2.0) as conn:
+            with self._open(statement_timeout=2.0) as conn:
                 conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
                 conn.execute("SELECT pg_reload_conf()")
                 # All client backends, not only writers: a read-only transaction may
@@ -566,8 +585,7 @@ class PostgresNode:
         res = self._rewind(primary_dsn, left())
         if res.returncode != 0 and re.search(r"shut down cleanly|single-user|crash recovery", res.stderr):
             log.warning("%s: pg_rewind needs a clean shutdown; running the node once, isolated", self.name)
-            self._pg_ctl_start(min(30.0, left()), isolated=True)
-            self.stop("fast", timeout=min(30.0, left()))
+            self._run_once_isolated(min(30.0, left()))
             res = self._rewind(primary_dsn, left())
         if res.returncode != 0:
             raise self._fail("pg_rewind failed", (res.stderr or res.stdout).strip())
@@ -590,10 +608,22 @@ class PostgresNode:
                                  f"status {last}; log: {tail}")
             time.sleep(0.05)
 
+    def _run_once_isolated(self, timeout: float) -> None:
+        """Start the server where no client can reach it and stop it cleanly (a clean shutdown for pg_rewind)."""
+        sock = tempfile.mkdtemp(prefix="tenure-pg-isolated-")
+        try:
+            if os.geteuid() == 0:
+                st = os.stat(self.data_dir)
+                os.chown(sock, st.st_uid, st.st_gid)
+            self._pg_ctl_start(timeout, isolated_socket_dir=sock)
+            self.stop("fast", timeout=timeout)
+        finally:
+            shutil.rmtree(sock, ignore_errors=True)
+
     def _prepare_source(self, primary_dsn: str) -> int:
         """Check that ``primary_dsn`` is a primary, make its control file current; return its timeline."""
         try:
-            with self._connect(statement_timeout=10.0, dsn=primary_dsn) as conn:
+            with self._open(statement_timeout=10.0, dsn=primary_dsn) as conn:
                 rec = conn.execute("SELECT pg_is_in_recovery()").fetchone()
                 if rec and rec[0]:
                     raise ServiceError(f"{self.name}: cannot rejoin: the source ({primary_dsn}) is not a primary",
