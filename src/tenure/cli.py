@@ -75,9 +75,12 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)  # a bad config fails here, before anything is imported or started
     from .sidecar import main as sidecar_main
 
-    return sidecar_main(args.config)
+    return sidecar_main(config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

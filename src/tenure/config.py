@@ -94,6 +94,17 @@ def _build(cls: type, section: str, raw: Any) -> Any:
     return cls(**raw)
 
 
+def _check_dsn(dsn: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception as e:  # psycopg.ProgrammingError, with libpq's own words
+        raise ConfigError(f"[postgres] advertise_dsn {dsn!r} is not a valid libpq connection string: {e}") from None
+    if "host" not in parts:
+        raise ConfigError(f"[postgres] advertise_dsn {dsn!r} names no host: other members could not reach it")
+
+
 def parse_config(data: dict[str, Any]) -> SidecarConfig:
     """Validate a configuration already read from TOML."""
     raw = dict(data)
@@ -113,6 +124,8 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"[postgres] max_lag_bytes must be >= 0, got {pg.max_lag_bytes}")
     if not os.path.isfile(os.path.join(pg.data_dir, "PG_VERSION")):
         raise ConfigError(f"[postgres] data_dir {pg.data_dir!r} is not a PostgreSQL data directory (no PG_VERSION)")
+    if pg.advertise_dsn is not None:
+        _check_dsn(pg.advertise_dsn)
     if not os.path.isfile(os.path.join(pg.bin_dir, "pg_ctl")):
         raise ConfigError(f"[postgres] bin_dir {pg.bin_dir!r} has no pg_ctl")
     cfg = _build(SidecarConfig, "top level", {**top, "etcd": etcd, "postgres": pg})

@@ -388,12 +388,10 @@ class Sidecar:
         }
 
 
-def main(config_path: str) -> int:
+def main(config: SidecarConfig) -> int:
     """``tenure sidecar --config FILE``: run until SIGTERM or SIGINT."""
-    from .config import load_config
     from .sidecar_http import serve
 
-    config = load_config(config_path)
     sidecar = Sidecar(config)
     server = serve(sidecar, config.http_address) if config.http_address else None
     for sig in (signal.SIGTERM, signal.SIGINT):
