@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from psycopg.conninfo import conninfo_to_dict
+
 from . import connect
 from .config import SidecarConfig
 from .election import Election, LeaderInfo, Leadership
@@ -51,8 +53,8 @@ def primary_key(service: str) -> str:
 
 
 def _dsn_target(dsn: str) -> tuple[str, int]:
-    parts = dict(p.split("=", 1) for p in dsn.split() if "=" in p)
-    return parts.get("host", "127.0.0.1"), int(parts.get("port", "5432"))
+    parts = conninfo_to_dict(dsn)
+    return str(parts.get("host", "127.0.0.1")), int(parts.get("port", 5432))
 
 
 def _position(st: NodeStatus | dict[str, Any]) -> int:
@@ -174,6 +176,12 @@ class Sidecar:
             self._vacant_since = None
             return self._follow(st)
         if leader is None:
+            if st.role == "down" and not self.node.is_running():
+                # Nobody leads and this server is stopped (e.g. demoted when etcd lost quorum):
+                # start it as it was, read-only and guarded, so it can be judged and campaign.
+                self._note("starting the local server: no leader anywhere")
+                self.node.start()
+                return
             return self._maybe_campaign(st)
 
     def record(self, st: NodeStatus) -> dict[str, Any]:
@@ -184,9 +192,10 @@ class Sidecar:
             "priority": self.config.priority, "nofailover": self.config.nofailover,
             "role": st.role, "healthy": st.healthy, "streaming": st.streaming, "timeline": st.timeline,
             "wal_current": st.wal_current, "wal_received": st.wal_received, "wal_replayed": st.wal_replayed,
-            "eligible": self._eligible(st)[0],
             "leader": leadership is not None and leadership.is_valid(),
         }
+        # A leader needs no verdict (and judging a primary reads the history from etcd).
+        rec["eligible"] = rec["leader"] or self._eligible(st)[0]
         if rec["leader"]:
             rec["sync"] = self._sync_names
         return rec
@@ -349,6 +358,8 @@ class Sidecar:
             if st.role == "standby":
                 self.node.promote()
                 self._note("promoted", token=leadership.token)
+            else:
+                self.node.allow_writes()  # a primary restarted after a demotion comes back read-only
             pg = self.config.postgres
             if pg.guard_tables or pg.guard_schema:
                 with self.node.connect() as conn:

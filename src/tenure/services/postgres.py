@@ -505,11 +505,7 @@ class PostgresNode:
         wait_s = max(1, math.ceil(timeout))
         try:
             with self._open(statement_timeout=wait_s + 5) as conn:
-                src = conn.execute("SELECT sourcefile FROM pg_settings WHERE name = 'default_transaction_read_only'"
-                                   ).fetchone()
-                if src and src[0] and src[0].endswith("postgresql.auto.conf"):
-                    conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
-                    conn.execute("SELECT pg_reload_conf()")
+                _reset_read_only(conn)
                 started = time.monotonic()
                 row = conn.execute("SELECT pg_promote(true, %s)", (wait_s,)).fetchone()
                 if not row or not row[0]:
@@ -518,6 +514,14 @@ class PostgresNode:
         except psycopg.Error as e:
             raise self._fail("promote failed", _message(e)) from e
         log.info("%s: promoted in %.2f s", self.name, time.monotonic() - started)
+
+    def allow_writes(self) -> None:
+        """Undo the ``default_transaction_read_only`` a :meth:`demote` left, on a running primary."""
+        try:
+            with self._open(statement_timeout=5.0) as conn:
+                _reset_read_only(conn)
+        except psycopg.Error as e:
+            raise self._fail("allow_writes failed", _message(e)) from e
 
     def demote(self, timeout: float = 10.0) -> None:
         """Stop accepting writes at once, then stop the server; no-op if it is down.
@@ -765,3 +769,11 @@ class PostgresNode:
                          "SELECT application_name, state, sync_state, replay_lsn::text"
                          " FROM pg_stat_replication ORDER BY application_name")
         return [Replica(r[0], r[1], r[2], _lsn(r[3])) for r in rows]
+
+
+def _reset_read_only(conn: psycopg.Connection[Any]) -> None:
+    """Reset a default_transaction_read_only set with ALTER SYSTEM (by a demote), and reload."""
+    src = conn.execute("SELECT sourcefile FROM pg_settings WHERE name = 'default_transaction_read_only'").fetchone()
+    if src and src[0] and src[0].endswith("postgresql.auto.conf"):
+        conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        conn.execute("SELECT pg_reload_conf()")
