@@ -220,11 +220,11 @@ class Sidecar:
             self._note("published primary", token=leadership.token)
 
     def _renew_guard(self, leadership: Leadership) -> None:
-        remaining = leadership.remaining()
-        if remaining <= 0:
-            return
         try:
             with self.node.connect() as conn:
+                remaining = leadership.remaining()  # measured last: see renew_guard
+                if remaining <= 0:
+                    return
                 pg_guard.renew_guard(conn, leadership.token, remaining)
             self._guard_renewed = time.monotonic()
         except Exception as e:  # the guard expires on its own; keep trying
