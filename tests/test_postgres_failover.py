@@ -175,8 +175,11 @@ def _walreceiver_pid(dsn: str) -> int | None:
 def test_synchronous_mode_loses_no_acknowledged_write(cluster: FailoverCluster) -> None:
     first = cluster.wait_primary(30)
     old = cluster.sidecar(first["member"])
-    wait_for(lambda: old.http("/status")[1]["postgres"] and _sync_standbys(first["dsn"]), 20,
-             "a synchronous standby")
+    sync = wait_for(lambda: _sync_standbys(first["dsn"]), 20, "a synchronous standby")
+    standby = cluster.sidecar(sync[0])
+    # Until the standbys have seen the primary name its synchronous standby, none may be promoted.
+    wait_for(lambda: standby.http("/status")[1]["synchronous_standbys"] == sync, 10,
+             "the standbys to learn which of them is synchronous")
     writer = Writer(first["dsn"], "sync-client", 1, interval=0.002)
     wait_for(lambda: len(writer.accepted) > 50, 10, "acknowledged writes")
     old.kill_with_postgres()
@@ -187,6 +190,7 @@ def test_synchronous_mode_loses_no_acknowledged_write(cluster: FailoverCluster) 
         have = {r[0] for r in conn.execute("SELECT id FROM items WHERE writer = 'sync-client'")}
     missing = sorted(set(acked) - have)
     assert not missing, f"{len(missing)} acknowledged rows lost: {missing[:10]}"
+    assert new["member"] == sync[0], "only the synchronous standby may be promoted"
     print(f"synchronous mode: {len(acked)} acknowledged rows, all on the new primary {new['member']}")
 
 

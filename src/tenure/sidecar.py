@@ -395,6 +395,7 @@ class Sidecar:
             "token": leadership.token if leadership is not None else None,
             "lease_remaining": leadership.remaining() if leadership is not None else 0.0,
             "eligible": self._eligible(st)[1] if st is not None else None,
+            "synchronous_standbys": self._sync_names,
             "events": events,
         }
 

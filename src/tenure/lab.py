@@ -1,0 +1,151 @@
+"""Throwaway PostgreSQL clusters with a ``tenure sidecar`` process per node.
+
+For the tests, benchmarks and demo: a local etcd (passed in), a fresh
+PostgreSQL primary with streaming standbys on free ports, one sidecar process
+per node with its own TOML config and HTTP port, and the means to hurt them
+(kill -9 of sidecar and postmaster together, signals).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+import psycopg
+
+from . import connect
+from .localetcd import LocalEtcd, free_ports
+from .localpg import LocalPostgresCluster
+from .services.postgres import PostgresNode
+
+
+
+class SidecarProc:
+    """``tenure sidecar`` for one node, in its own process."""
+
+    def __init__(self, workdir: str, etcd: LocalEtcd, service: str, node: PostgresNode, **settings: Any) -> None:
+        self.node = node
+        self.http_port = free_ports(1)[0]
+        self.config_path = os.path.join(workdir, f"{node.name}.toml")
+        self.log_path = os.path.join(workdir, f"{node.name}.log")
+        pg = {"data_dir": node.data_dir, "port": node.port, "bin_dir": node.bin_dir,
+              "guard_schema": "public", **settings.pop("postgres", {})}
+        if node.socket_dir:
+            pg["socket_dir"] = node.socket_dir
+        top = {"service": service, "member": node.name, "ttl": 2, "grace": 0.3,
+               "listen": f"127.0.0.1:{self.http_port}", **settings}
+        with open(self.config_path, "w") as f:
+            f.write("".join(f"{k} = {_toml(v)}\n" for k, v in top.items()))
+            f.write(f"[etcd]\nendpoints = {_toml(etcd.endpoints)}\n[postgres]\n")
+            f.write("".join(f"{k} = {_toml(v)}\n" for k, v in pg.items()))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "SidecarProc":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tenure.cli", "-v", "sidecar", "--config", self.config_path],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    def kill_with_postgres(self) -> None:
+        """kill -9 of the sidecar and the postmaster together, as a host crash would."""
+        self.signal(signal.SIGKILL)
+        pid = postmaster_pid(self.node)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert self.proc is not None
+        self.proc.wait(10)
+
+    def http(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+        except OSError:
+            return 0, None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.signal(signal.SIGCONT)
+                self.signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def postmaster_pid(node: PostgresNode) -> int | None:
+    try:
+        with open(os.path.join(node.data_dir, "postmaster.pid")) as f:
+            return int(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
+def _toml(v: Any) -> str:
+    return json.dumps(v)  # strings, numbers, booleans and lists of strings read the same in TOML
+
+
+class FailoverCluster:
+    """etcd (shared) + a fresh 3-node PostgreSQL cluster + a sidecar per node."""
+
+    def __init__(self, etcd: LocalEtcd, service: str, size: int = 3, per_node: dict[str, dict[str, Any]] | None = None,
+                 **settings: Any) -> None:
+        self.etcd = etcd
+        self.service = service
+        self.workdir = tempfile.mkdtemp(prefix="tenure-failover-")
+        self.pg = LocalPostgresCluster(size=size).start()
+        self.sidecars = [SidecarProc(self.workdir, etcd, service, n, **{**settings, **(per_node or {}).get(n.name, {})})
+                         for n in self.pg.nodes]
+        self.client = connect(etcd.endpoints)
+        with psycopg.connect(self.pg.nodes[0].dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, writer text, at float8)")
+        for s in self.sidecars:
+            s.start()
+
+    def primary(self) -> dict[str, Any] | None:
+        kv = self.client.get(f"svc/{self.service}/primary")
+        return kv.json() if kv is not None else None
+
+    def wait_primary(self, timeout: float, not_member: str | None = None) -> dict[str, Any]:
+        """Wait for a published primary (other than ``not_member``); raise TimeoutError."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            p = self.primary()
+            if p is not None and p["member"] != not_member:
+                return p
+            time.sleep(0.01)
+        raise TimeoutError(f"no published primary other than {not_member} within {timeout} s")
+
+    def sidecar(self, member: str) -> SidecarProc:
+        return next(s for s in self.sidecars if s.node.name == member)
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {s.node.name}\n{s.log()[-6000:]}" for s in self.sidecars)
+
+    def stop(self) -> None:
+        for s in self.sidecars:
+            s.stop()
+        self.client.close()
+        self.pg.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
