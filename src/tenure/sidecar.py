@@ -57,6 +57,15 @@ def _dsn_target(dsn: str) -> tuple[str, int]:
     return str(parts.get("host", "127.0.0.1")), int(parts.get("port", 5432))
 
 
+def _upstream_of(leader: LeaderInfo) -> str | None:
+    """``host:port`` of the leader's advertised DSN, as a standby's walreceiver reports its sender."""
+    dsn = (leader.value or {}).get("dsn")
+    if not dsn:
+        return None
+    host, port = _dsn_target(dsn)
+    return f"{host}:{port}"
+
+
 def _position(st: NodeStatus | dict[str, Any]) -> int:
     """How much WAL a node has: a primary's current position, or the most a standby received or replayed.
 
@@ -93,7 +102,10 @@ class Sidecar:
         self._leader_seen = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._last_streaming = 0.0  # monotonic time this node was last seen streaming
+        # Monotonic time this node was last seen streaming from the leader of the day: only such a
+        # standby may be promoted (a standby of a stale node can look caught up on another timeline).
+        self._last_streaming = 0.0
+        self._started = time.monotonic()
         self._primary_wal = 0  # the newest primary WAL position seen in the primary's record
         self._sync_names: list[str] = []  # synchronous standbys as last published by the primary
         self._members: dict[str, dict[str, Any]] = {}  # other members' records, as last read
@@ -158,7 +170,9 @@ class Sidecar:
         st = self.node.status()
         self.status = st
         now = time.monotonic()
-        if st.streaming:
+        leader = self.leader
+        if (st.streaming and leader is not None and leader.member != self.config.member
+                and st.upstream == _upstream_of(leader)):
             self._last_streaming = now
         self.publisher.publish(self.record(st))
 
@@ -277,12 +291,10 @@ class Sidecar:
         primary = self._primary_dsn()
         if primary is None:
             return  # elected but not yet promoted and published
-        if st.role == "standby" and st.streaming and st.upstream is not None:
-            host, port = _dsn_target(primary)
-            if st.upstream == f"{host}:{port}":
-                return
-        if st.role == "standby" and time.monotonic() - self._last_streaming < self.config.ttl:
-            return  # may just be reconnecting after a switch
+        host, port = _dsn_target(primary)
+        if st.role == "standby" and st.upstream == f"{host}:{port}":
+            if st.streaming or time.monotonic() - self._last_streaming < self.config.ttl:
+                return  # streaming from the primary, or (re)connecting to it
         self._note("rejoining", primary=primary, role=st.role)
         self.node.rejoin(primary)
 
@@ -302,7 +314,7 @@ class Sidecar:
         if st.role != "standby":
             return False, f"role {st.role}"
         if time.monotonic() - self._last_streaming > 2 * cfg.ttl + 1:
-            return False, "not streaming recently"
+            return False, "not streaming from the last primary recently"
         lag = self._primary_wal - _position(st)
         if lag > cfg.postgres.max_lag_bytes:
             return False, f"lag {lag} bytes > max_lag_bytes {cfg.postgres.max_lag_bytes}"
@@ -333,6 +345,8 @@ class Sidecar:
     def _maybe_campaign(self, st: NodeStatus) -> None:
         ok, why = self._eligible(st)
         now = time.monotonic()
+        if ok and st.role == "standby" and now - self._started < self.config.ttl:
+            return  # just started: let the primary's own sidecar, perhaps slower to start, claim it first
         if not ok:
             self._vacant_since = None
             return
