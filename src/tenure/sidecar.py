@@ -112,6 +112,7 @@ class Sidecar:
         self._sync_configured: list[str] | None = None
         self._vacant_since: float | None = None
         self._wait_until = 0.0
+        self._next_rejoin = 0.0
         self._guard_renewed = 0.0
         self._published_primary: int | None = None
         self._lock = threading.Lock()
@@ -295,8 +296,14 @@ class Sidecar:
         if st.role == "standby" and st.upstream == f"{host}:{port}":
             if st.streaming or time.monotonic() - self._last_streaming < self.config.ttl:
                 return  # streaming from the primary, or (re)connecting to it
+        if time.monotonic() < self._next_rejoin:
+            return
         self._note("rejoining", primary=primary, role=st.role)
-        self.node.rejoin(primary)
+        try:
+            self.node.rejoin(primary)
+        except TenureError:
+            self._next_rejoin = time.monotonic() + self.config.ttl  # e.g. the primary is not up yet
+            raise
 
     # -- campaigning ----------------------------------------------------------
 
@@ -313,11 +320,11 @@ class Sidecar:
             return True, "current primary"
         if st.role != "standby":
             return False, f"role {st.role}"
-        if time.monotonic() - self._last_streaming > 2 * cfg.ttl + 1:
-            return False, "not streaming from the last primary recently"
         lag = self._primary_wal - _position(st)
         if lag > cfg.postgres.max_lag_bytes:
             return False, f"lag {lag} bytes > max_lag_bytes {cfg.postgres.max_lag_bytes}"
+        if time.monotonic() - self._last_streaming > 2 * cfg.ttl + 1:
+            return False, "not streaming from the last primary recently"
         if cfg.postgres.synchronous and cfg.member not in self._sync_names:
             return False, "synchronous mode: not a synchronous standby"
         return True, "caught-up standby"
