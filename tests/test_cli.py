@@ -48,3 +48,22 @@ def test_demo_runs_end_to_end() -> None:
     text = out.getvalue()
     assert "tokens strictly increased: True; deposed leader fenced: True" in text
     assert "is_valid() = False" in text
+
+
+def test_pg_guard_commands(postgres, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS cli_guarded (x int)")
+    assert cli.main(["pg", "install-guard", "--dsn", postgres.dsn, "--table", "public.cli_guarded"]) == 0
+    assert '"installed": true' in capsys.readouterr().out
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("INSERT INTO cli_guarded VALUES (1)")  # no lease yet: refused, fail safe
+        assert info.value.sqlstate == "25006"
+    assert cli.main(["pg", "remove-guard", "--dsn", postgres.dsn, "--table", "public.cli_guarded"]) == 0
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO cli_guarded VALUES (1)")
+    assert cli.main(["pg", "install-guard", "--dsn", postgres.dsn, "--table", "public.no_such_table"]) == 2
+    assert "no_such_table" in capsys.readouterr().err
+    assert cli.main(["pg", "install-guard", "--dsn", postgres.dsn]) == 2

@@ -1,4 +1,4 @@
-"""The ``tenure`` command: status, history, sidecar and demo.
+"""The ``tenure`` command: status, history, sidecar, pg (write guard) and demo.
 
 Endpoints come from ``--endpoints`` or ``TENURE_ENDPOINTS`` (comma-separated
 ``http://host:port``).
@@ -83,6 +83,26 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     return sidecar_main(config)
 
 
+def cmd_pg_guard(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from .errors import ConfigError, ServiceError
+    from .services import pg_guard
+
+    if args.action != "guard-status" and not (args.table or args.schema or getattr(args, "all", False)):
+        raise ConfigError("name what to guard: --table T (repeatable) and/or --schema S")
+    try:
+        with psycopg.connect(args.dsn, autocommit=True, connect_timeout=5) as conn:
+            if args.action == "install-guard":
+                pg_guard.install_guard(conn, tables=args.table or None, schema=args.schema)
+            elif args.action == "remove-guard":
+                pg_guard.remove_guard(conn, tables=args.table or None, schema=args.schema, drop_all=args.all)
+            print(json.dumps(pg_guard.guard_status(conn), indent=2, default=str))
+    except psycopg.Error as e:
+        raise ServiceError(f"PostgreSQL at {args.dsn!r}: {e}", detail=str(e)) from None
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -111,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("sidecar", help="run beside a PostgreSQL server: elect, promote, fence, rejoin")
     sc.add_argument("--config", required=True, help="TOML file (see examples/sidecar-postgres.toml)")
     sc.set_defaults(fn=cmd_sidecar)
+
+    pg = sub.add_parser("pg", help="PostgreSQL helpers: the in-database write guard")
+    pgsub = pg.add_subparsers(dest="action", required=True)
+    for action, text in (("install-guard", "guard tables so a deposed primary refuses their writes (idempotent)"),
+                         ("remove-guard", "stop guarding tables (idempotent)"),
+                         ("guard-status", "show the guard's lease")):
+        a = pgsub.add_parser(action, help=text)
+        a.add_argument("--dsn", required=True, help="libpq connection string of the primary")
+        if action != "guard-status":
+            a.add_argument("--table", action="append", default=[], help="schema.table; repeatable")
+            a.add_argument("--schema", help="every table of this schema")
+        if action == "remove-guard":
+            a.add_argument("--all", action="store_true", help="remove every guard object")
+        a.set_defaults(fn=cmd_pg_guard, table=[], schema=None, all=False)
 
     d = sub.add_parser("demo", help="start a local etcd and three candidates, kill the leader, print the timeline")
     d.add_argument("--ttl", type=int, default=2)
