@@ -197,3 +197,29 @@ def test_synchronous_mode_loses_no_acknowledged_write(cluster: FailoverCluster) 
 def _sync_standbys(dsn: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return [r[0] for r in conn.execute("SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'")]
+
+
+def test_http_endpoints_for_haproxy(cluster: FailoverCluster) -> None:
+    import urllib.request
+
+    first = cluster.wait_primary(30)
+    leader = cluster.sidecar(first["member"])
+    standby = next(s for s in cluster.sidecars if s is not leader)
+    wait_for(lambda: standby.http("/replica")[0] == 200, 20, "a streaming standby")
+    assert leader.http("/primary")[0] == 200 and leader.http("/master")[0] == 200
+    assert leader.http("/replica")[0] == 503
+    assert standby.http("/primary")[0] == 503
+    assert standby.http("/replica?lag=100000000")[0] == 200
+    assert standby.http("/replica?lag=abc")[0] == 400
+    for s in (leader, standby):
+        assert s.http("/read-only")[0] == 200 and s.http("/health")[0] == 200
+    code, status = leader.http("/status")
+    assert code == 200 and status["leading"] and status["token"] == first["token"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{leader.http_port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    assert f'tenure_fencing_token{{member="{first["member"]}",service="{cluster.service}"}} {float(first["token"])}' in text
+    req = urllib.request.Request(f"http://127.0.0.1:{leader.http_port}/primary", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=2)
+    assert info.value.code == 405  # nothing changes state over HTTP
+    assert leader.http("/nope")[0] == 404
