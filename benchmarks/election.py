@@ -30,7 +30,6 @@ Run (from the project root):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -38,15 +37,14 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import tenure
+from tenure._candidate import CandidateProcess
 from tenure.localetcd import LocalEtcd
 
 Event = dict[str, Any]
@@ -59,32 +57,8 @@ class Timeout(Exception):
     """A wait ran past its deadline."""
 
 
-class Candidate:
-    """One ``python -m tenure._candidate`` process and the JSON events it printed."""
-
-    def __init__(self, endpoints: list[str], service: str, member: str, ttl: int,
-                 *, observe: bool = False, stderr: Any = None) -> None:
-        cmd = [sys.executable, "-m", "tenure._candidate", "--endpoints", ",".join(endpoints),
-               "--service", service, "--member", member, "--ttl", str(ttl)]
-        if observe:
-            cmd.append("--observe")
-        self.member = member
-        self.events: list[Event] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                     text=True, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(ev)
-                self._cond.notify_all()
+class Candidate(CandidateProcess):
+    """One ``python -m tenure._candidate`` process, with the deadline-based waits this benchmark uses."""
 
     @property
     def alive(self) -> bool:
@@ -115,28 +89,12 @@ class Candidate:
             return evs[-1]
         return None
 
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
     def kill(self) -> float:
         """SIGKILL the process group; return the monotonic time just before the signal."""
         t = time.monotonic()
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         return t
-
-    def stop(self) -> None:
-        if self.alive:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @dataclass
@@ -154,7 +112,7 @@ class Group:
     def spawn(self, observe: bool = False) -> Candidate:
         name = "observer" if observe else f"c{self.started}"
         self.started += 0 if observe else 1
-        c = Candidate(self.endpoints, self.service, name, self.ttl, observe=observe, stderr=self.log)
+        c = Candidate(self.endpoints, self.service, name, ttl=self.ttl, observe=observe, stderr=self.log)
         c.wait(lambda e: e["ev"] == "ready", time.monotonic() + READY_TIMEOUT, "ready")
         return c
 

@@ -7,7 +7,6 @@ import time
 
 import psycopg
 
-from tenure.lab import FailoverCluster, SidecarProc  # noqa: F401  (re-exported for the tests)
 
 
 class Writer:

@@ -10,9 +10,10 @@ from typing import Iterator
 import psycopg
 import pytest
 
+from tenure.lab import FailoverCluster
 from tenure.localetcd import LocalEtcd
 
-from pgfailover import FailoverCluster, Writer
+from pgfailover import Writer
 from support import wait_for
 
 TTL = 2
