@@ -23,13 +23,22 @@ run. Variants:
 ``guc-cache``        a statement trigger that reads the table once per
                      transaction and caches valid_until in a transaction-local
                      GUC keyed by the transaction id
+``empty-trigger``    not a guard: a PL/pgSQL statement trigger that only
+                     returns, the floor of any trigger written in PL/pgSQL
 
 Printed: settings, TPS per run and the server's CPU time per transaction
-(CPU time of every PostgreSQL process / transactions: less noisy than TPS
-on a shared 2-core machine), the guarded/plain ratio per round, and per
-variant the ratio of total TPS, the median round ratio and the CPU ratio.
+(CPU time of every PostgreSQL process / transactions), the guarded/plain
+ratio per round, and per variant the geometric mean of the round ratios
+(with an even number of rounds the order, or database, bias cancels), the
+ratio of total TPS and the mean CPU ratio.
 
-A second, low-noise measurement (``--micro-txns``, 0 to skip): one backend
+Side by side (``--no-side-by-side`` to skip): a twin database gets the same
+pgbench data; each round runs a guarded and a plain pgbench at the same time,
+one per database, with half the clients each, and the roles swap every round.
+Outside load hits both halves alike, so this ratio is much less noisy than
+the alternating one on a shared machine.
+
+A third, low-noise measurement (``--micro-txns``, 0 to skip): one backend
 runs the same four writes in a PL/pgSQL loop that commits after each set, with
 no client round trips, for each variant in turn, several times; the median
 time per transaction gives the guard's absolute cost in microseconds. It
@@ -50,6 +59,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -64,11 +74,15 @@ from tenure.services.pg_guard import install_guard, remove_guard, renew_guard
 
 PG_BIN = os.environ.get("TENURE_PG_BIN", "/usr/lib/postgresql/15/bin")
 TABLES = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"]
-VARIANTS = ["guard", "guard-at-commit", "naive", "guc-cache"]
+VARIANTS = ["guard", "guard-at-commit", "naive", "guc-cache", "empty-trigger"]
 
 # The alternatives measured against the shipped design. They read
 # tenure.lease, which install_guard() created and renew_guard() keeps current.
 _ALT_FUNCTIONS = {
+    "empty-trigger": """
+BEGIN
+    RETURN NULL;
+END""",
     "naive": """
 BEGIN
     IF EXISTS (SELECT 1 FROM tenure.lease WHERE valid_until > pg_catalog.clock_timestamp()) THEN
@@ -148,13 +162,8 @@ class Server:
         with open(os.path.join(self.data, "postmaster.pid")) as f:
             return int(f.readline())
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the postmaster and all its children (backends, autovacuum, walwriter...).
-
-        A backend that has exited and been reaped has its time added to the
-        postmaster's cutime/cstime, so those count too.
-        """
-        pm, total = self.postmaster_pid(), 0
+    def _children(self) -> list[list[str]]:
+        pm, out = self.postmaster_pid(), []
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -163,9 +172,27 @@ class Server:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
+            if int(pid) == pm or int(fields[1]) == pm:
+                out.append([pid] + fields)
+        return out
+
+    def wait_backends_gone(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until the postmaster has at most ``count`` children again (pgbench's backends reaped)."""
+        deadline = time.monotonic() + timeout
+        while len(self._children()) - 1 > count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the postmaster and all its children (backends, autovacuum, walwriter...).
+
+        A backend that has exited and been reaped has its time added to the
+        postmaster's cutime/cstime, so those count too.
+        """
+        pm, total = self.postmaster_pid(), 0
+        for pid, *fields in self._children():
             if int(pid) == pm:
                 total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-            elif int(fields[1]) == pm:
+            else:
                 total += int(fields[11]) + int(fields[12])
         return total / os.sysconf("SC_CLK_TCK")
 
@@ -203,17 +230,19 @@ def prepare(conn: Any) -> None:
 
 def run_pgbench(srv: Server, args: argparse.Namespace) -> tuple[float, int, float]:
     """(tps, transactions, server CPU µs per transaction) of one pgbench run."""
+    children = len(srv._children()) - 1
     cpu0 = srv.cpu_seconds()
     p = subprocess.run([f"{PG_BIN}/pgbench", "-n", "-c", str(args.clients), "-j", str(args.threads),
                         "-T", str(args.duration)] + pgbench_args(srv) + ["postgres"],
                        capture_output=True, text=True)
+    # A backend's CPU time moves to the postmaster's cutime when it is
+    # reaped; reading while pgbench's backends exit would miss some.
+    srv.wait_backends_gone(children)
     cpu1 = srv.cpu_seconds()
-    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
+    tps = _parse(p)
     n = re.search(r"number of transactions actually processed: (\d+)", p.stdout)
-    if p.returncode != 0 or tps is None or n is None or "aborted" in p.stderr:
-        raise RuntimeError(f"pgbench failed (rc {p.returncode}):\n{p.stdout}\n{p.stderr}")
-    txns = int(n.group(1))
-    return float(tps.group(1)), txns, 1e6 * (cpu1 - cpu0) / max(txns, 1)
+    txns = int(n.group(1)) if n else 0
+    return tps, txns, 1e6 * (cpu1 - cpu0) / max(txns, 1)
 
 
 def measure_variant(srv: Server, conn: Any, variant: str, args: argparse.Namespace,
@@ -239,8 +268,55 @@ def measure_variant(srv: Server, conn: Any, variant: str, args: argparse.Namespa
         ratios.append(ratio)
         cpu_ratios.append(cpu_ratio)
         out(f"  {variant:15s} round {r} guarded/plain  tps {ratio:.3f}  cpu/txn {cpu_ratio:.3f}")
-    return {"overall": tps_sum["guarded"] / tps_sum["plain"], "median": statistics.median(ratios),
-            "min": min(ratios), "max": max(ratios), "cpu": statistics.median(cpu_ratios)}
+    return {"overall": tps_sum["guarded"] / tps_sum["plain"], "geomean": statistics.geometric_mean(ratios),
+            "min": min(ratios), "max": max(ratios), "cpu": statistics.geometric_mean(cpu_ratios)}
+
+
+def _parse(p: subprocess.CompletedProcess[str] | tuple[int, str, str]) -> float:
+    rc, stdout, stderr = p if isinstance(p, tuple) else (p.returncode, p.stdout, p.stderr)
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", stdout)
+    if rc != 0 or tps is None or "aborted" in stderr:
+        raise RuntimeError(f"pgbench failed (rc {rc}):\n{stdout}\n{stderr}")
+    return float(tps.group(1))
+
+
+def measure_side_by_side(srv: Server, conns: dict[str, Any], variant: str, args: argparse.Namespace,
+                         out: Callable[[str], None]) -> dict[str, float]:
+    """Guarded and plain at the same time, on twin databases, half the clients each.
+
+    Both runs share whatever else the machine is doing at that moment, so
+    bursts of outside load cancel out; the guarded database gets fewer
+    transactions through in proportion to what the guard costs. The roles
+    of the two databases swap every round.
+    """
+    dbs = list(conns)
+    half_c, half_j = max(1, args.clients // 2), max(1, args.threads // 2)
+    ratios, sums = [], {"plain": 0.0, "guarded": 0.0}
+    for r in range(1, args.rounds + 1):
+        guarded_db = dbs[(r - 1) % 2]
+        for c in conns.values():
+            prepare(c)
+        install_variant(conns[guarded_db], variant, args.duration + 60)
+        try:
+            procs = {db: subprocess.Popen([f"{PG_BIN}/pgbench", "-n", "-c", str(half_c), "-j", str(half_j),
+                                           "-T", str(args.duration)] + pgbench_args(srv) + [db],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for db in dbs}
+            done = {}
+            for db, p in procs.items():
+                stdout, stderr = p.communicate()
+                done[db] = (p.returncode, stdout, stderr)
+        finally:
+            remove_variant(conns[guarded_db], variant)
+        tps = {("guarded" if db == guarded_db else "plain"): _parse(res) for db, res in done.items()}
+        ratio = tps["guarded"] / tps["plain"]
+        ratios.append(ratio)
+        for k in sums:
+            sums[k] += tps[k]
+        out(f"  {variant:15s} round {r} guarded ({guarded_db}) tps {tps['guarded']:7.1f}  plain tps "
+            f"{tps['plain']:7.1f}  guarded/plain {ratio:.3f}")
+    return {"overall": sums["guarded"] / sums["plain"], "geomean": statistics.geometric_mean(ratios),
+            "min": min(ratios), "max": max(ratios)}
 
 
 def micro(conn: Any, variants: list[str], txns: int, reps: int, out: Callable[[str], None]) -> dict[str, float]:
@@ -269,13 +345,17 @@ def micro(conn: Any, variants: list[str], txns: int, reps: int, out: Callable[[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="guard", help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
-    ap.add_argument("--rounds", type=int, default=4, help="plain/guarded pairs per variant (default 4)")
+    ap.add_argument("--rounds", type=int, default=4, help="plain/guarded pairs per variant (default 4; keep it even)")
     ap.add_argument("--duration", type=int, default=15, help="seconds per pgbench run (default 15)")
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fsync", choices=["on", "off"], default="off")
     ap.add_argument("--synchronous-commit", default="on")
+    ap.add_argument("--no-alternating", dest="alternating", action="store_false",
+                    help="skip the alternating runs")
+    ap.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
+                    help="skip the side-by-side measurement")
     ap.add_argument("--micro-txns", type=int, default=20000, help="transactions per in-server loop (0: skip)")
     ap.add_argument("--micro-reps", type=int, default=5)
     args = ap.parse_args()
@@ -289,15 +369,22 @@ def main() -> int:
     def out(line: str) -> None:
         print(line, flush=True)
 
+    # Stop the server on SIGTERM too (the finally below), not only on ^C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     srv = Server({"fsync": args.fsync, "synchronous_commit": args.synchronous_commit}).start()
     try:
         with psycopg.connect(srv.dsn, autocommit=True) as conn:
             subprocess.run([f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(args.scale)] + pgbench_args(srv) + ["postgres"],
                            check=True, capture_output=True)
-            conn.execute("CREATE SCHEMA bench_variant")
-            # Creates the tenure objects once; each guarded run installs and removes the triggers.
-            install_guard(conn, tables=TABLES)
-            remove_guard(conn, tables=TABLES)
+            conn.execute("CREATE DATABASE bench_twin")
+            subprocess.run([f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(args.scale)] + pgbench_args(srv)
+                           + ["bench_twin"], check=True, capture_output=True)
+            twin = psycopg.connect(srv.dsn.replace("dbname=postgres", "dbname=bench_twin"), autocommit=True)
+            for c in (conn, twin):
+                c.execute("CREATE SCHEMA bench_variant")
+                # Creates the tenure objects once; each guarded run installs and removes the triggers.
+                install_guard(c, tables=TABLES)
+                remove_guard(c, tables=TABLES)
             show = lambda name: conn.execute(f"SHOW {name}").fetchone()[0]  # noqa: E731
             out("guard_overhead: pgbench TPC-B-like, plain vs guarded, alternating on one server")
             out(f"  PostgreSQL {show('server_version')}; fsync={show('fsync')}, "
@@ -308,13 +395,27 @@ def main() -> int:
                 f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; Python {platform.python_version()}, "
                 f"psycopg {psycopg.__version__}")
             results = {}
-            for v in variants:
+            for v in variants if args.alternating else []:
                 out(f"\nvariant {v}")
                 results[v] = measure_variant(srv, conn, v, args, out)
+            side: dict[str, dict[str, float]] = {}
+            if args.side_by_side:
+                out(f"\nside by side: guarded and plain at the same time on twin databases "
+                    f"(postgres, bench_twin), {max(1, args.clients // 2)} clients each, roles swap each round")
+                for v in variants:
+                    side[v] = measure_side_by_side(srv, {"postgres": conn, "bench_twin": twin}, v, args, out)
+            twin.close()
             out("\nsummary (guarded/plain; 1.000 = no cost, 0.950 = 5 % fewer TPS)")
-            for v, r in results.items():
-                out(f"  {v:15s} total TPS {r['overall']:.3f}   median round {r['median']:.3f} "
-                    f"(min {r['min']:.3f}, max {r['max']:.3f})   server cpu/txn {r['cpu']:.3f}")
+            for v in variants:
+                if v in results:
+                    r = results[v]
+                    out(f"  {v:15s} alternating:  geomean of rounds {r['geomean']:.3f} (min {r['min']:.3f}, "
+                        f"max {r['max']:.3f}), total TPS {r['overall']:.3f}, server cpu/txn {r['cpu']:.3f}")
+                if v in side:
+                    r = side[v]
+                    name = "" if v in results else v
+                    out(f"  {name:15s} side by side: geomean of rounds {r['geomean']:.3f} (min {r['min']:.3f}, "
+                        f"max {r['max']:.3f}), total TPS {r['overall']:.3f}")
             if args.micro_txns > 0:
                 out(f"\nin-server loop: {args.micro_txns} transactions of 4 writes + 1 read, one backend, "
                     f"median of {args.micro_reps}")
