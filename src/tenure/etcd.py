@@ -498,7 +498,7 @@ class Watch:
         def requests() -> Iterator[rpc.WatchRequest]:
             yield rpc.WatchRequest(create_request=create)
             while not stop.wait(self.PROGRESS_EVERY):
-                if time.monotonic() - self.last_contact > self.STALL_AFTER:
+                if time.monotonic() - max(self.last_contact, opened) > self.STALL_AFTER:
                     stalled.set()
                     call = self._call
                     if call is not None:
@@ -506,7 +506,7 @@ class Watch:
                     return
                 yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 
-        self.last_contact = time.monotonic()
+        opened = time.monotonic()  # last_contact stays a time etcd answered; this bounds the stall check
         call = rpc_grpc.WatchStub(client._channel(index)).Watch(requests(), metadata=client._metadata())
         self._call = call
         if stop.is_set():
