@@ -572,8 +572,8 @@ def renew_guard(conn: Any, token: int, remaining: float) -> bool:
     Commits on its own (the connection must not be in a transaction), with
     ``SET LOCAL synchronous_commit = local`` so that a renewal never waits
     for a synchronous standby: a missing standby must not let the lease run
-    out. ``statement_timeout`` and ``lock_timeout`` are set to the time left,
-    (at least 0.1 s) so a blocked renewal fails with :class:`ServiceError`
+    out. ``statement_timeout`` and ``lock_timeout`` are set to the time left
+    (at least 0.1 s), so a blocked renewal fails with :class:`ServiceError`
     rather than hang past the lease.
 
     The server's wall clock defines the end of the lease. If the database
