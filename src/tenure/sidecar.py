@@ -253,11 +253,23 @@ class Sidecar:
             log.info("could not expire the write guard (the server may be down): %s", e)
 
     def _manage_sync(self) -> None:
-        wanted = sorted(m for m in read_members(self.client, self.config.service) if m != self.config.member)
-        if wanted != self._sync_configured:
-            self.node.set_synchronous_standbys(wanted, 1)
-            self._sync_configured = wanted
-        self._sync_names = self.node.synchronous_standbys()
+        """Keep exactly one named synchronous standby, and change it only once it stops streaming.
+
+        With a single name, a standby that missed acknowledged commits is never the published
+        synchronous one: the switch happens only when the old one is gone, and commits wait
+        (strict mode) until the new one streams.
+        """
+        replicas = self.node.replicas()
+        streaming = sorted(r.application_name for r in replicas if r.state == "streaming")
+        current = self._sync_configured or []
+        if not current or current[0] not in streaming:
+            others = sorted(m for m in read_members(self.client, self.config.service) if m != self.config.member)
+            wanted = [m for m in streaming if m in others][:1] or (current if current else others[:1])
+            if wanted != current:
+                self.node.set_synchronous_standbys(wanted, 1)
+                self._sync_configured = wanted
+                self._note("synchronous standby", names=wanted)
+        self._sync_names = [r.application_name for r in replicas if r.sync_state == "sync"]
 
     def _demote(self, why: str) -> None:
         self._note("demoting", why=why)
