@@ -63,3 +63,19 @@ class ServiceError(TenureError):
 
 class ReadOnly(TenureError):
     """A write was attempted while the service has no valid primary."""
+
+
+class UnknownService(ConfigError):
+    """A service name that has no key at all in etcd (never had a sidecar or registrar): most likely a typo."""
+
+
+class PrimaryUnavailable(ReadOnly):
+    """The published primary could not be reached, or refused the write (it has been deposed).
+
+    A write interrupted by the primary's death may or may not have committed,
+    as with any lost connection; make writes idempotent.
+    """
+
+
+class WaitTimeout(TenureError, TimeoutError):
+    """A wait for a view or a primary ran out of time."""

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from .errors import ConfigError, ReadOnly, TenureError
+from .errors import ConfigError, PrimaryUnavailable, ReadOnly, TenureError, UnknownService, WaitTimeout  # noqa: F401 (re-exported)
 from .etcd import Client, Event, KeyValue, Watch, parse_endpoints
 from .keys import check_name, service_key
 
@@ -68,22 +68,6 @@ _monotonic = time.monotonic
 # belongs to the parent and restarts itself on first use.
 _FORK_GEN = 0
 _ROUTERS: "weakref.WeakSet[Router]" = weakref.WeakSet()
-
-
-class UnknownService(ConfigError):
-    """A service name that has no key at all in etcd (never had a sidecar or registrar): most likely a typo."""
-
-
-class PrimaryUnavailable(ReadOnly):
-    """The published primary could not be reached, or refused the write (it has been deposed).
-
-    A write interrupted by the primary's death may or may not have committed,
-    as with any lost connection; make writes idempotent.
-    """
-
-
-class WaitTimeout(TenureError, TimeoutError):
-    """A wait for a view or a primary ran out of time."""
 
 
 @dataclass(frozen=True, slots=True)
