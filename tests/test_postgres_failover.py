@@ -227,3 +227,33 @@ def test_http_endpoints_for_haproxy(cluster: FailoverCluster) -> None:
         urllib.request.urlopen(req, timeout=2)
     assert info.value.code == 405  # nothing changes state over HTTP
     assert leader.http("/nope")[0] == 404
+
+
+@pytest.mark.parametrize("cluster", [{"postgres": {"synchronous": True}}], indirect=True)
+def test_synchronous_standby_switch_then_primary_crash_loses_nothing(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    old = cluster.sidecar(first["member"])
+
+    def published() -> list[str]:
+        kv = cluster.client.get(f"svc/{cluster.service}/members/{first['member']}")
+        return kv.json().get("sync", []) if kv is not None else []
+
+    wait_for(lambda: len(_sync_standbys(first["dsn"], "IS NOT NULL")) == 2, 20, "both standbys streaming")
+    sync = wait_for(published, 20, "a published synchronous standby")
+    writer = Writer(first["dsn"], "switch-client", 1, interval=0.002)
+    wait_for(lambda: len(writer.accepted) > 20, 10, "acknowledged writes")
+    cluster.sidecar(sync[0]).kill_with_postgres()  # the synchronous standby dies; commits wait for a new one
+    other = next(s.node.name for s in cluster.sidecars if s.node.name not in (first["member"], sync[0]))
+    wait_for(lambda: published() == [other], 20, f"{other} published as the new synchronous standby")
+    n = len(writer.accepted)
+    wait_for(lambda: len(writer.accepted) > n + 20, 10, "commits acknowledged through the new synchronous standby")
+    listed = published()
+    old.kill_with_postgres()
+    writer.stop()
+    acked = [i for _, i in writer.accepted]
+    new = cluster.wait_primary(TTL + 10, not_member=first["member"])
+    assert new["member"] == other and other in listed
+    with psycopg.connect(new["dsn"], autocommit=True) as conn:
+        have = {r[0] for r in conn.execute("SELECT id FROM items WHERE writer = 'switch-client'")}
+    missing = sorted(set(acked) - have)
+    assert not missing, f"{len(missing)} acknowledged rows lost: {missing[:10]}"

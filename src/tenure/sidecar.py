@@ -110,6 +110,7 @@ class Sidecar:
         self._sync_names: list[str] = []  # synchronous standbys as last published by the primary
         self._members: dict[str, dict[str, Any]] = {}  # other members' records, as last read
         self._sync_configured: list[str] | None = None
+        self._sync_switch_lsn = 0  # primary WAL position when the synchronous standby last changed
         self._vacant_since: float | None = None
         self._wait_until = 0.0
         self._next_rejoin = 0.0
@@ -227,7 +228,7 @@ class Sidecar:
         if now - self._guard_renewed >= self.config.ttl / 8:
             self._renew_guard(leadership)
         if self.config.postgres.synchronous:
-            self._manage_sync()
+            self._manage_sync(st)
         if self._published_primary != leadership.token:
             leadership.put(primary_key(self.config.service), json.dumps(
                 {"member": self.config.member, "dsn": self.dsn, "token": leadership.token}), ephemeral=True)
@@ -252,12 +253,15 @@ class Sidecar:
         except Exception as e:
             log.info("could not expire the write guard (the server may be down): %s", e)
 
-    def _manage_sync(self) -> None:
-        """Keep exactly one named synchronous standby, and change it only once it stops streaming.
+    def _manage_sync(self, st: NodeStatus) -> None:
+        """Keep exactly one named synchronous standby, and publish it only once it holds every acknowledged commit.
 
-        With a single name, a standby that missed acknowledged commits is never the published
-        synchronous one: the switch happens only when the old one is gone, and commits wait
-        (strict mode) until the new one streams.
+        Invariant: every standby in the published list (``sync`` in this member's record, the
+        only standbys allowed to be promoted) has every commit the primary acknowledged. So:
+        the list is withdrawn (published empty) *before* ``synchronous_standby_names`` changes,
+        and the new standby is listed only once it has replayed past the WAL position of the
+        switch (commits acknowledged by the old one). The name changes only when the old
+        standby stops streaming; meanwhile commits wait (strict mode).
         """
         replicas = self.node.replicas()
         streaming = sorted(r.application_name for r in replicas if r.state == "streaming")
@@ -266,10 +270,16 @@ class Sidecar:
             others = sorted(m for m in read_members(self.client, self.config.service) if m != self.config.member)
             wanted = [m for m in streaming if m in others][:1] or (current if current else others[:1])
             if wanted != current:
+                self._sync_names = []
+                if not self.publisher.publish(self.record(st)):
+                    return  # the withdrawal must be in etcd before the switch; try again next tick
+                self._sync_switch_lsn = self.node.status().wal_current or 0
                 self.node.set_synchronous_standbys(wanted, 1)
                 self._sync_configured = wanted
-                self._note("synchronous standby", names=wanted)
-        self._sync_names = [r.application_name for r in replicas if r.sync_state == "sync"]
+                self._note("synchronous standby", names=wanted, from_lsn=self._sync_switch_lsn)
+        self._sync_names = [r.application_name for r in replicas
+                            if r.sync_state == "sync" and r.application_name in (self._sync_configured or [])
+                            and (r.replay_lsn or 0) >= self._sync_switch_lsn]
 
     def _demote(self, why: str) -> None:
         self._note("demoting", why=why)
