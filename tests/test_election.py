@@ -54,13 +54,16 @@ def test_one_leader_and_growing_tokens_across_kills(five: list[CandidateProc]) -
 def test_resign_hands_over_fast(five: list[CandidateProc]) -> None:
     for _ in range(3):
         leader = the_leader(five)
+        token = [e for e in leader.events if e["ev"] == "elected"][-1]["token"]
         reply = leader.request("resign")
         others = [p for p in five if p is not leader]
         new = wait_for(lambda: current_leaders(others), 2, "a leader after resign")
         elected = [e for e in new[0].events if e["ev"] == "elected"][-1]
         assert elected["t"] - reply["t"] < 0.5, elected["t"] - reply["t"]
-        lost = leader.wait_event(lambda e: e["ev"] == "lost", 2, "lost after resign")
+        # This term's own end (not an earlier round's), so the one-writer check sees when it really ended.
+        lost = leader.wait_event(lambda e: e["ev"] == "lost" and e["token"] == token, 2, "lost after resign")
         assert lost["reason"] == "resigned"
+        assert lost["valid_until"] <= elected["t"], "the resigned term ended before the next began"
 
 
 def test_paused_leader_is_deposed_and_fenced(etcd, service, postgres: LocalPostgres) -> None:  # type: ignore[no-untyped-def]
