@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from tenure.lab import FailoverCluster
+from tenure.services.postgres import parse_lsn
 from tenure.localetcd import LocalEtcd
 
 from pgfailover import Writer
@@ -151,7 +152,15 @@ def test_lagging_or_nofailover_standbys_are_never_promoted(cluster: FailoverClus
     try:
         with psycopg.connect(first["dsn"], autocommit=True) as conn:
             conn.execute("INSERT INTO items SELECT g, 'bulk', 0 FROM generate_series(1, 2000) g")
-        time.sleep(1.0)  # two publish cycles, so standbys see the primary's new WAL position
+            lsn = parse_lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+
+        def published_wal() -> int:
+            kv = cluster.client.get(f"svc/{cluster.service}/members/n1")
+            return (kv.json().get("wal_current") or 0) if kv is not None else 0
+
+        # The primary has published its new WAL position, so standbys can see how far behind n3 is.
+        wait_for(lambda: published_wal() >= lsn, 10, "the primary's record to show the bulk insert")
+        wait_for(lambda: "lag" in n3.http("/status")[1]["eligible"], 10, "n3 to see its own lag")
         cluster.sidecar("n1").kill_with_postgres()
         t = time.monotonic()
         while time.monotonic() < t + 3 * TTL + 2:  # the dead primary's record lasts until its lease expires
