@@ -370,7 +370,16 @@ class Election:
         metrics.TOKEN.labels(*labels).set(token)
         metrics.LEASE_REMAINING.labels(*labels).set(leadership.remaining())
         log.info("%s/%s: elected, token %d", self.service, self.member, token)
-        threading.Thread(target=self._record_term, args=(token,), name="tenure-history", daemon=True).start()
+        # The term's own record is written before campaign() returns, so a resign right after finds it
+        # to close; closing older terms and trimming can wait.
+        start = time.time()
+        try:
+            rec = {"token": token, "member": self.member, "start": start, "end": None, "reason": None}
+            self.client.put(service_key(self.service, "history", f"{token:020d}"), json.dumps(rec),
+                            guard=(self._leader_key, token), retry_for=self.ttl / 4)
+        except EtcdError as e:
+            log.info("%s/%s: could not record the term in the history: %s", self.service, self.member, e)
+        threading.Thread(target=self._tidy_history, args=(token, start), name="tenure-history", daemon=True).start()
         return leadership
 
     def _on_lost(self, leadership: Leadership, reason: str) -> None:
@@ -379,17 +388,15 @@ class Election:
 
     # -- history --------------------------------------------------------------
 
-    def _record_term(self, token: int) -> None:
-        """Open this term in the history, close terms that ended without saying so, trim."""
+    def _tidy_history(self, token: int, start: float) -> None:
+        """Close terms before ``token`` that ended without saying so (their lease ran out); trim."""
         guard = (self._leader_key, token)
         try:
-            rec = {"token": token, "member": self.member, "start": time.time(), "end": None, "reason": None}
-            self.client.put(service_key(self.service, "history", f"{token:020d}"), json.dumps(rec), guard=guard)
             kvs, _ = self.client.get_prefix(service_key(self.service, "history", ""))
             for kv in kvs:
                 old = kv.json()
                 if old.get("token", 0) < token and old.get("end") is None:
-                    old.update(end=rec["start"], reason="expired (lease ran out)")
+                    old.update(end=start, reason="expired (lease ran out)")
                     self.client.put(kv.key, json.dumps(old), guard=guard)
             for kv in kvs[: max(0, len(kvs) - HISTORY_KEEP)]:
                 self.client.delete(kv.key, guard=guard)

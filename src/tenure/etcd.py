@@ -306,20 +306,21 @@ class Client:
         return self._range(k, _prefix_end(k))
 
     def put(self, key: str, value: bytes | str, *, lease: int = 0,
-            guard: tuple[str, int] | None = None) -> int | None:
+            guard: tuple[str, int] | None = None, retry_for: float | None = None) -> int | None:
         """Write ``key``; return the revision of the write.
 
         With ``guard=(other_key, create_revision)`` the write happens only if
         ``other_key`` currently has that create revision (0: does not exist),
         atomically; otherwise nothing is written and None is returned.
+        ``retry_for`` overrides the client's retry budget for this call.
         """
         put = rpc.PutRequest(key=self._k(key), value=_b(value), lease=lease)
         if guard is None:
-            return self._unary(rpc_grpc.KVStub, "Put", put).header.revision
+            return self._unary(rpc_grpc.KVStub, "Put", put, retry_for=retry_for).header.revision
         resp = self._unary(rpc_grpc.KVStub, "Txn", rpc.TxnRequest(
             compare=[_create_is(self._k(guard[0]), guard[1])],
             success=[rpc.RequestOp(request_put=put)],
-        ))
+        ), retry_for=retry_for)
         return resp.header.revision if resp.succeeded else None
 
     def create(self, key: str, value: bytes | str, *, lease: int = 0) -> tuple[bool, KeyValue | None]:
