@@ -1,8 +1,8 @@
 """How fast leadership moves: after a kill -9 of the leader, and after a resign.
 
-Starts a real 3-member etcd cluster on loopback (tenure.localetcd), then for
+Starts a real 3-member etcd cluster on loopback (tenure.lab.etcd), then for
 each ttl runs 3 candidate processes and 1 observer process
-(``python -m tenure._candidate``, ``--observe`` for the observer) on a fresh
+(``python -m tenure.lab.candidate``, ``--observe`` for the observer) on a fresh
 service and measures:
 
 1. kill -9 failover. Find the leader, SIGKILL its process group and measure
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import tenure
-from tenure._candidate import CandidateProcess
-from tenure.localetcd import LocalEtcd
+from tenure.lab.candidate import CandidateProcess
+from tenure.lab.etcd import LocalEtcd
 
 Event = dict[str, Any]
 
@@ -58,7 +58,7 @@ class Timeout(Exception):
 
 
 class Candidate(CandidateProcess):
-    """One ``python -m tenure._candidate`` process, with the deadline-based waits this benchmark uses."""
+    """One ``python -m tenure.lab.candidate`` process, with the deadline-based waits this benchmark uses."""
 
     @property
     def alive(self) -> bool:

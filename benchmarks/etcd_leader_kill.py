@@ -19,7 +19,7 @@ import threading
 import time
 
 import tenure
-from tenure.localetcd import LocalEtcd
+from tenure.lab.etcd import LocalEtcd
 
 
 def one_round(cluster: LocalEtcd, service: str, ttl: int) -> dict[str, float | bool | None]:

@@ -30,8 +30,8 @@ import time
 import psycopg
 
 import tenure
-from tenure.lab import FailoverCluster
-from tenure.localetcd import LocalEtcd
+from tenure.lab.cluster import FailoverCluster
+from tenure.lab.etcd import LocalEtcd
 
 
 def try_write(dsn: str, row_id: int) -> bool:

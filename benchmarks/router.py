@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/router.py [--routers 100] [--rounds 10]
 
-Starts its own 3-member etcd on loopback (tenure.localetcd) and prints:
+Starts its own 3-member etcd on loopback (tenure.lab.etcd) and prints:
 
 1. the cost of ``router.service("db").primary`` (and of the middleware's
    check) per call, against ``client.get("svc/db/primary")``, i.e. asking
@@ -74,8 +74,8 @@ def etcd_rpcs(endpoints: list[str]) -> dict[str, float]:
 
 def bench_lookup_and_requests(endpoints: list[str]) -> None:
     import tenure
-    from tenure.router import Router
-    from tenure.wsgi import ReadOnlyMiddleware
+    from tenure.web import Router
+    from tenure.web.wsgi import ReadOnlyMiddleware
 
     client = tenure.connect(endpoints)
     term = publish(client, "a")
@@ -133,7 +133,7 @@ def bench_lookup_and_requests(endpoints: list[str]) -> None:
 
 def memory_child(endpoints: list[str]) -> None:
     import tenure  # noqa: F401 -- grpc, protobuf and the etcd stubs are loaded here
-    from tenure.router import Router
+    from tenure.web import Router
 
     base = rss_kib()
     router = Router(endpoints)
@@ -167,7 +167,7 @@ def bench_memory(endpoints: list[str]) -> None:
 def propagation_coordinator(endpoints: list[str], n: int, rounds: int, settle: float, nice: int,
                             freeze: bool) -> None:
     """Fork ``n`` routers first (no gRPC in this process before that), then change the primary ``rounds`` times."""
-    from tenure.router import Router
+    from tenure.web import Router
 
     router = Router(endpoints)  # made before the fork, read only in the children, as in a gunicorn master
     if freeze:
@@ -301,8 +301,8 @@ def main() -> None:
         eps, n, rounds, settle, nice, freeze = args.propagation
         return propagation_coordinator(eps.split(","), int(n), int(rounds), float(settle), int(nice), freeze == "1")
 
-    from tenure.localetcd import LocalEtcd
-    from tenure.router import DEFAULT_STALE_AFTER
+    from tenure.lab.etcd import LocalEtcd
+    from tenure.web import DEFAULT_STALE_AFTER
 
     with LocalEtcd(size=3) as etcd:
         print(f"settings: {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.2f} at start), "

@@ -21,7 +21,7 @@ import threading
 
 import tenure
 from tenure.errors import TenureError
-from tenure.services.memcache import MemcacheRegistrar
+from tenure.sidecar.memcache import MemcacheRegistrar
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ What it shows:
   term, made on first use after a change; each thread closes its connection
   to the deposed primary before it uses the new one (``PrimaryDB``);
 * reads go to a streaming replica when there is one (``ReplicaDB``);
-* ``tenure.wsgi.ReadOnlyMiddleware`` answers writes with 503 + Retry-After
+* ``tenure.web.ReadOnlyMiddleware`` answers writes with 503 + Retry-After
   while there is no valid primary, and every page can show a banner from
   ``web.ctx.env["tenure.read_only"]``; a write that finds the primary gone
   mid-request (``tenure.errors.ReadOnly``) gets the same 503 page from the
@@ -44,8 +44,8 @@ import web
 from psycopg.conninfo import conninfo_to_dict
 
 from tenure.errors import ReadOnly
-from tenure.router import Endpoint, Router, ServiceView
-from tenure.wsgi import DEFAULT_BODY, ReadOnlyMiddleware
+from tenure.web import Endpoint, Router, ServiceView
+from tenure.web.wsgi import DEFAULT_BODY, ReadOnlyMiddleware
 
 log = logging.getLogger("webpy_app")
 

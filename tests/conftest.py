@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 
 import tenure
-from tenure.localetcd import LocalEtcd
+from tenure.lab.etcd import LocalEtcd
 
 from support import PG_BIN, LocalPostgres
 

@@ -6,8 +6,8 @@ import os
 import time
 from typing import Any, Callable
 
-from tenure._candidate import CandidateProcess as CandidateProc
-from tenure.localpg import LocalPostgres as _LocalPostgres
+from tenure.lab.candidate import CandidateProcess as CandidateProc
+from tenure.lab.postgres import LocalPostgres as _LocalPostgres
 
 PG_BIN = os.environ.get("TENURE_PG_BIN", "/usr/lib/postgresql/15/bin")
 
@@ -62,7 +62,7 @@ def assert_one_writer(cands: list[CandidateProc]) -> list[tuple[int, str, float,
 
 
 class LocalPostgres(_LocalPostgres):
-    """One PostgreSQL 15 server on loopback (tenure.localpg), with the binaries from ``TENURE_PG_BIN``."""
+    """One PostgreSQL 15 server on loopback (tenure.lab.postgres), with the binaries from ``TENURE_PG_BIN``."""
 
     def __init__(self) -> None:
         super().__init__(bin_dir=PG_BIN)

@@ -9,7 +9,7 @@ import pytest
 import tenure
 from tenure.errors import ConfigError, EtcdUnavailable, TenureError
 from tenure.fencing import etcd_put
-from tenure.localetcd import free_ports
+from tenure.lab.etcd import free_ports
 
 
 @pytest.mark.parametrize("endpoint", [

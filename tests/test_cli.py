@@ -8,7 +8,8 @@ import json
 import pytest
 
 import tenure
-from tenure import cli, demo
+from tenure import cli
+from tenure.lab import demo
 
 
 def test_status_and_history(etcd, client: tenure.Client, service: str, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

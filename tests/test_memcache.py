@@ -15,10 +15,11 @@ from pymemcache.client.base import Client as PlainClient
 
 import tenure
 from tenure.errors import ConfigError
-from tenure.localetcd import LocalEtcd
-from tenure.localmemcache import LocalMemcached
-from tenure.router import Router
-from tenure.services.memcache import MemcacheRegistrar, check_memcached
+from tenure.lab.etcd import LocalEtcd
+from tenure.lab.memcached import LocalMemcached
+from tenure.web import Router
+from tenure.services.memcache import check_memcached
+from tenure.sidecar.memcache import MemcacheRegistrar
 
 from support import wait_for
 

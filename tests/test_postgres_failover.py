@@ -10,9 +10,9 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from tenure.lab import FailoverCluster
+from tenure.lab.cluster import FailoverCluster
 from tenure.services.postgres import parse_lsn
-from tenure.localetcd import LocalEtcd
+from tenure.lab.etcd import LocalEtcd
 
 from pgfailover import Writer
 from support import wait_for

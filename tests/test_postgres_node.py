@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from tenure.errors import ConfigError, ServiceError
-from tenure.localetcd import free_ports
-from tenure.localpg import LocalPostgresCluster
+from tenure.lab.etcd import free_ports
+from tenure.lab.postgres import LocalPostgresCluster
 from tenure.services.postgres import NodeStatus, PostgresNode, format_lsn, parse_lsn
 
 from support import PG_BIN, wait_for

@@ -14,9 +14,10 @@ import pytest
 
 import tenure
 from tenure.errors import ConfigError, ReadOnly
-from tenure.localetcd import LocalEtcd, free_ports
+from tenure.lab.etcd import LocalEtcd, free_ports
 from tenure.members import MemberPublisher
-from tenure.router import Endpoint, PrimaryUnavailable, Router, ServiceView, UnknownService, WaitTimeout
+from tenure.errors import PrimaryUnavailable, UnknownService, WaitTimeout
+from tenure.web import Endpoint, Router, ServiceView
 
 from support import LocalPostgres, wait_for
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tenure import cli
-from tenure.config import load_config, parse_config
+from tenure.sidecar.config import load_config, parse_config
 from tenure.errors import ConfigError
 
 from support import PG_BIN

@@ -8,7 +8,7 @@ import threading
 
 import tenure
 from tenure.etcd import Event, KeyValue, Watch
-from tenure.localetcd import LocalEtcd, etcd_binary
+from tenure.lab.etcd import LocalEtcd, etcd_binary
 
 from support import wait_for
 

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tenure.lab import FailoverCluster
-from tenure.localetcd import LocalEtcd, free_ports
+from tenure.lab.cluster import FailoverCluster
+from tenure.lab.etcd import LocalEtcd, free_ports
 
 from support import wait_for
 
@@ -41,12 +41,12 @@ def make_app() -> Callable[..., Iterable[bytes]]:
     from psycopg.conninfo import conninfo_to_dict
 
     from tenure.errors import ReadOnly
-    from tenure.router import Router
-    from tenure.wsgi import ReadOnlyMiddleware
+    from tenure.web import Router
+    from tenure.web.wsgi import ReadOnlyMiddleware
 
     log = logging.getLogger("test_wsgi.app")
     logging.basicConfig(level=logging.WARNING, format="%(process)d %(relativeCreated)d %(name)s %(message)s")
-    logging.getLogger("tenure.router").setLevel(logging.DEBUG)
+    logging.getLogger("tenure.web").setLevel(logging.DEBUG)
 
     service = os.environ["TENURE_DB_SERVICE"]
     router = Router(os.environ["TENURE_ETCD"].split(","))  # built in the master; watches start in each worker
@@ -274,8 +274,8 @@ _warm_ids = itertools.count(1)
 def test_middleware_in_process(client: Any, service: str, etcd: LocalEtcd) -> None:
     """The middleware's contract, called directly: flag, 503 + Retry-After + body, ReadOnly from the app, bad input."""
     from tenure.errors import ConfigError, ReadOnly
-    from tenure.router import Router
-    from tenure.wsgi import ReadOnlyMiddleware, is_read_only
+    from tenure.web import Router
+    from tenure.web.wsgi import ReadOnlyMiddleware, is_read_only
 
     from test_router import publish_primary
 

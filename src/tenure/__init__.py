@@ -16,11 +16,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from . import errors
-from .election import Election, LeaderInfo, Leadership, Term
-from .etcd import Client
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["connect", "Client", "Election", "Leadership", "LeaderInfo", "Term", "errors"]
+from . import errors
+from .election import Election, Leadership
+from .etcd import Client
+from .records import LeaderInfo, Term
+
+if TYPE_CHECKING:
+    from .web import ReadOnlyMiddleware, Router
+
+__all__ = ["connect", "Client", "Election", "Leadership", "LeaderInfo", "Term", "Router", "ReadOnlyMiddleware",
+           "errors"]
 __version__ = "0.1.0"
 
 
@@ -56,3 +63,12 @@ def connect(
             client.close()
             raise
     return client
+
+
+def __getattr__(name: str) -> Any:
+    # The web tier is imported on first use: sidecars and jobs never load it.
+    if name in ("Router", "ReadOnlyMiddleware"):
+        from . import web
+
+        return getattr(web, name)
+    raise AttributeError(f"module 'tenure' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from . import connect
+from . import connect, records
 from .election import Election
 from .errors import TenureError
 
@@ -28,8 +28,8 @@ def _when(ts: float | None) -> str:
 
 
 def _services(client: Any) -> list[str]:
-    kvs, _ = client.get_prefix("svc/")
-    return sorted({kv.key.split("/")[1] for kv in kvs})
+    kvs, _ = client.get_prefix(records.SERVICES_PREFIX)
+    return sorted({parts[0] for kv in kvs if (parts := records.split_service_key(kv.key)) is not None})
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -75,10 +75,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .sidecar.config import load_config
 
     config = load_config(args.config)  # a bad config fails here, before anything is imported or started
-    from .sidecar import main as sidecar_main
+    from .sidecar.loop import main as sidecar_main
 
     return sidecar_main(config)
 
@@ -104,7 +104,7 @@ def cmd_pg_guard(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from .lab.demo import run
 
     return run(ttl=args.ttl)
 

@@ -23,10 +23,9 @@ Clock assumptions -- read these before changing anything here.
   laptop; some hypervisors' VM pause) is not covered: fence shared storage
   with the token as well, as :mod:`tenure.fencing` does.
 
-Keys, relative to the client's namespace:
-``svc/<service>/leader`` (bound to the leader's lease; its create revision is
-the fencing token), ``svc/<service>/candidates/<member>`` and
-``svc/<service>/history/<token>``.
+Keys and records are those of :mod:`tenure.records`: the leader key (bound to
+the leader's lease; its create revision is the fencing token), one candidate
+key per member, and one history record per term.
 """
 
 from __future__ import annotations
@@ -37,14 +36,16 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 from . import metrics
 from .errors import CampaignTimeout, ConfigError, EtcdError, NotLeader
 from .etcd import Client, Event, KeyValue
 from .fencing import etcd_put
-from .keys import check_name, leader_key, service_key
+from . import records
+from .errors import MalformedRecord
+from .records import CandidateRecord, LeaderInfo, LeaderRecord, Term, check_name, leader_key
 
 log = logging.getLogger("tenure.election")
 
@@ -52,30 +53,13 @@ HISTORY_KEEP = 200  # terms kept per service
 RETRY_AFTER_FAILURE = 0.1  # seconds between keepalive attempts once one failed
 
 
-@dataclass(frozen=True)
-class LeaderInfo:
-    """Who leads a service: ``token`` is the term's fencing token."""
-
-    member: str
-    token: int
-    value: dict[str, Any] | None
-    since: float  # wall-clock time the term began, for display only
-
-
-@dataclass(frozen=True)
-class Term:
-    """One past or current term of a service, as recorded in its history."""
-
-    token: int
-    member: str
-    start: float
-    end: float | None
-    reason: str | None
-
-
 def _leader_info(kv: KeyValue) -> LeaderInfo:
-    rec = kv.json() or {}
-    return LeaderInfo(rec.get("member", "?"), kv.create_revision, rec.get("value"), rec.get("since", 0.0))
+    try:
+        rec = LeaderRecord.decode(kv.value)
+    except MalformedRecord:
+        # The key's existence is what matters (someone holds the term); its value is for display.
+        rec = LeaderRecord("?")
+    return LeaderInfo(rec.member, kv.create_revision, rec.value, rec.since)
 
 
 class _Lease:
@@ -300,7 +284,7 @@ class Election:
             while True:
                 if lease.expired.is_set():
                     lease = self._renew_candidacy(give_up)
-                record = json.dumps({"member": self.member, "value": self.value, "since": time.time()})
+                record = LeaderRecord(self.member, self.value, time.time()).encode()
                 try:
                     created, kv = self.client.create(self._leader_key, record, lease=lease.id)
                 except EtcdError as e:
@@ -346,8 +330,8 @@ class Election:
 
     def _new_lease(self) -> _Lease:
         lease = _Lease(self.client, self.ttl, self.margin, (self.service, self.member))
-        record = json.dumps({"member": self.member, "value": self.value, "since": time.time(), "ttl": self.ttl})
-        self.client.put(service_key(self.service, "candidates", self.member), record, lease=lease.id)
+        record = CandidateRecord(self.member, self.value, time.time(), self.ttl).encode()
+        self.client.put(records.candidate_key(self.service, self.member), record, lease=lease.id)
         return lease
 
     def _begin(self, lease: _Lease, token: int) -> Leadership | None:
@@ -374,8 +358,8 @@ class Election:
         # to close; closing older terms and trimming can wait.
         start = time.time()
         try:
-            rec = {"token": token, "member": self.member, "start": start, "end": None, "reason": None}
-            self.client.put(service_key(self.service, "history", f"{token:020d}"), json.dumps(rec),
+            rec = Term(token, self.member, start)
+            self.client.put(records.history_key(self.service, token), rec.encode(),
                             guard=(self._leader_key, token), retry_for=self.ttl / 4)
         except EtcdError as e:
             log.info("%s/%s: could not record the term in the history: %s", self.service, self.member, e)
@@ -392,33 +376,39 @@ class Election:
         """Close terms before ``token`` that ended without saying so (their lease ran out); trim."""
         guard = (self._leader_key, token)
         try:
-            kvs, _ = self.client.get_prefix(service_key(self.service, "history", ""))
+            kvs, _ = self.client.get_prefix(records.history_prefix(self.service))
             for kv in kvs:
-                old = kv.json()
-                if old.get("token", 0) < token and old.get("end") is None:
-                    old.update(end=start, reason="expired (lease ran out)")
-                    self.client.put(kv.key, json.dumps(old), guard=guard)
+                try:
+                    old = Term.decode(kv.value)
+                except MalformedRecord as e:
+                    log.warning("%s: skipping history record %s: %s", self.service, kv.key, e)
+                    continue
+                if old.token < token and old.end is None:
+                    self.client.put(kv.key, old.ended(start, "expired (lease ran out)").encode(), guard=guard)
             for kv in kvs[: max(0, len(kvs) - HISTORY_KEEP)]:
                 self.client.delete(kv.key, guard=guard)
         except EtcdError as e:
             log.info("%s/%s: could not update the history: %s", self.service, self.member, e)
 
     def _end_term(self, token: int, reason: str, *, guarded: bool) -> None:
-        key = service_key(self.service, "history", f"{token:020d}")
+        key = records.history_key(self.service, token)
         kv = self.client.get(key)
-        if kv is None or kv.json().get("end") is not None:
+        if kv is None:
             return
-        rec = kv.json()
-        rec.update(end=time.time(), reason=reason)
-        self.client.put(key, json.dumps(rec), guard=(self._leader_key, token) if guarded else None)
+        rec = Term.decode(kv.value)
+        if rec.end is not None:
+            return
+        self.client.put(key, rec.ended(time.time(), reason).encode(), guard=(self._leader_key, token) if guarded else None)
 
     def history(self, limit: int = 50) -> list[Term]:
         """The last ``limit`` terms, oldest first."""
-        kvs, _ = self.client.get_prefix(service_key(self.service, "history", ""))
+        kvs, _ = self.client.get_prefix(records.history_prefix(self.service))
         terms = []
         for kv in kvs[-limit:]:
-            r = kv.json()
-            terms.append(Term(r["token"], r["member"], r["start"], r.get("end"), r.get("reason")))
+            try:
+                terms.append(Term.decode(kv.value))
+            except MalformedRecord as e:
+                log.warning("%s: skipping history record %s: %s", self.service, kv.key, e)
         return terms
 
     # -- observing ------------------------------------------------------------
@@ -429,9 +419,15 @@ class Election:
         return _leader_info(kv) if kv is not None else None
 
     def candidates(self) -> list[dict[str, Any]]:
-        """The member records of every live candidate (leader included)."""
-        kvs, _ = self.client.get_prefix(service_key(self.service, "candidates", ""))
-        return [kv.json() for kv in kvs]
+        """The records of every live candidate (leader included), as published."""
+        kvs, _ = self.client.get_prefix(records.candidates_prefix(self.service))
+        out = []
+        for kv in kvs:
+            try:
+                out.append(asdict(CandidateRecord.decode(kv.value)))
+            except MalformedRecord as e:
+                log.warning("%s: skipping candidate record %s: %s", self.service, kv.key, e)
+        return out
 
     def on_change(self, callback: Callable[[LeaderInfo | None], None]) -> Callable[[], None]:
         """Call ``callback(leader)`` on every change of leader; returns a function that unsubscribes.

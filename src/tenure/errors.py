@@ -28,6 +28,14 @@ class EtcdUnavailable(EtcdError):
     """No etcd endpoint answered within the allowed time."""
 
 
+class MalformedRecord(EtcdError):
+    """A key in etcd holds a value that is not a valid tenure record (see :mod:`tenure.records`).
+
+    Readers that must decide something treat it as "cannot tell": not
+    eligible, no promotion, read-only.
+    """
+
+
 class CampaignTimeout(TenureError, TimeoutError):
     """A campaign did not win leadership before its timeout."""
 

@@ -102,6 +102,23 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> list[Endpoint]:
     return out
 
 
+def check_client_settings(endpoints: str | Sequence[str], *, namespace: str, timeout: float, retry_for: float,
+                          ca_cert: str | None = None, cert: str | None = None, key: str | None = None,
+                          user: str | None = None, password: str | None = None) -> list[Endpoint]:
+    """Validate a client's settings without connecting; return the parsed endpoints or raise ConfigError."""
+    parsed = parse_endpoints(endpoints)
+    if not isinstance(namespace, str) or not namespace.strip("/"):
+        raise ConfigError(f"namespace must be a non-empty path such as '/tenure', got {namespace!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 \
+            or isinstance(retry_for, bool) or not isinstance(retry_for, (int, float)) or not retry_for >= 0:
+        raise ConfigError(f"timeout must be > 0 and retry_for >= 0 (got {timeout!r}, {retry_for!r})")
+    if (user is None) != (password is None):
+        raise ConfigError("etcd auth needs both user and password")
+    if (cert is None) != (key is None):
+        raise ConfigError("a TLS client certificate needs both cert and key")
+    return parsed
+
+
 @dataclass(frozen=True)
 class KeyValue:
     """A key as etcd stores it; ``key`` is relative to the client's namespace."""
@@ -150,15 +167,10 @@ class Client:
         user: str | None = None,
         password: str | None = None,
     ) -> None:
-        self.endpoints = parse_endpoints(endpoints)
-        if not isinstance(namespace, str) or not namespace.strip("/"):
-            raise ConfigError(f"namespace must be a non-empty path such as '/tenure', got {namespace!r}")
-        if timeout <= 0 or retry_for < 0:
-            raise ConfigError(f"timeout must be > 0 and retry_for >= 0 (got {timeout}, {retry_for})")
-        if (user is None) != (password is None):
-            raise ConfigError("etcd auth needs both user and password")
-        if (cert is None) != (key is None):
-            raise ConfigError("a TLS client certificate needs both cert and key")
+        self.endpoints = check_client_settings(endpoints, namespace=namespace, timeout=timeout, retry_for=retry_for,
+                                               ca_cert=ca_cert, cert=cert, key=key, user=user, password=password)
+        self._settings = {"namespace": namespace, "timeout": timeout, "retry_for": retry_for, "ca_cert": ca_cert,
+                          "cert": cert, "key": key, "user": user, "password": password}
         self.namespace = "/" + namespace.strip("/")
         self._prefix = (self.namespace + "/").encode()
         self.timeout = float(timeout)
@@ -171,6 +183,10 @@ class Client:
         self._current = 0
         self._closed = False
         self._watches: list[Watch] = []
+
+    def clone(self) -> "Client":
+        """A new client with the same endpoints and settings, and connections of its own (e.g. after fork)."""
+        return Client([e.url for e in self.endpoints], **self._settings)
 
     # -- plumbing ---------------------------------------------------------
 

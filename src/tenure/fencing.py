@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import ConfigError, Fenced
 from .etcd import Client
-from .keys import check_name, leader_key
+from .records import check_name, check_token, leader_key
 
 _PG_SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS tenure;
@@ -40,12 +40,6 @@ RETURNING token
 """
 
 
-def _check_token(token: object) -> int:
-    if isinstance(token, bool) or not isinstance(token, int) or token <= 0:
-        raise ConfigError(f"a fencing token is a positive int, got {token!r}")
-    return token
-
-
 def etcd_put(client: Client, service: str, token: int, key: str, value: bytes | str, *, lease: int = 0) -> int:
     """Write ``key`` only while ``token`` is the current term of ``service``; return the revision.
 
@@ -53,7 +47,7 @@ def etcd_put(client: Client, service: str, token: int, key: str, value: bytes | 
     Raises :class:`Fenced` if the service has a newer leader, or none.
     """
     check_name("service", service)
-    _check_token(token)
+    check_token(token)
     lk = leader_key(service)
     if key == lk:
         raise ConfigError("the leader key is written by the election, not through a fence")
@@ -83,7 +77,7 @@ def pg_fence(conn: Any, resource: str, token: int) -> None:
     """
     if not isinstance(resource, str) or not resource:
         raise ConfigError(f"a fence resource is a non-empty string, got {resource!r}")
-    _check_token(token)
+    check_token(token)
     if conn.autocommit and conn.info.transaction_status == 0:  # IDLE: no transaction to protect
         raise ConfigError("pg_fence must run inside the transaction it protects (use `with conn.transaction():`)")
     row = conn.execute(_PG_FENCE, (resource, token)).fetchone()

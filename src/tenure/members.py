@@ -12,26 +12,26 @@ import logging
 import time
 from typing import Any
 
-from .errors import ConfigError, EtcdError
+from .errors import ConfigError, EtcdError, MalformedRecord as MalformedError
 from .etcd import Client
-from .keys import check_name, service_key
+from . import records
+from .records import MemberRecord, check_name
 
 log = logging.getLogger("tenure.members")
 
 
-def members_prefix(service: str) -> str:
-    return service_key(service, "members", "")
-
-
-def read_members(client: Client, service: str) -> dict[str, dict[str, Any]]:
-    """The live members' records, by member name."""
-    kvs, _ = client.get_prefix(members_prefix(service))
+def read_members(client: Client, service: str) -> dict[str, MemberRecord]:
+    """The live members' records, by member name (malformed ones are logged and skipped)."""
+    kvs, _ = client.get_prefix(records.members_prefix(service))
     out = {}
     for kv in kvs:
+        name = records.member_of(service, kv.key)
+        if name is None:
+            continue
         try:
-            out[kv.key.rsplit("/", 1)[1]] = kv.json()
-        except ValueError:
-            log.warning("ignoring a malformed member record at %s", kv.key)
+            out[name] = MemberRecord.decode(kv.value)
+        except MalformedError as e:
+            log.warning("ignoring the member record at %s: %s", kv.key, e)
     return out
 
 
@@ -45,7 +45,7 @@ class MemberPublisher:
 
     def __init__(self, client: Client, service: str, member: str, *, ttl: int = 5) -> None:
         self._client = client
-        self._key = service_key(check_name("service", service), "members", check_name("member", member))
+        self._key = records.member_key(check_name("service", service), check_name("member", member))
         if ttl < 1:
             raise ConfigError(f"member record ttl must be at least 1 s, got {ttl}")
         self._ttl = ttl
@@ -53,8 +53,10 @@ class MemberPublisher:
         self._written: str | None = None
         self._renewed = 0.0
 
-    def publish(self, record: dict[str, Any]) -> bool:
+    def publish(self, record: MemberRecord | dict[str, Any]) -> bool:
         """Publish ``record`` (adding ``updated``, wall-clock seconds); True if etcd has it now."""
+        if isinstance(record, MemberRecord):
+            record = {k: v for k, v in record.to_dict().items() if k != "updated"}
         body = json.dumps(record, sort_keys=True)
         try:
             now = time.monotonic()

@@ -1,6 +1,6 @@
 """A candidate (or observer) in its own process, for the demo, tests and benchmarks.
 
-``python -m tenure._candidate --endpoints URLS --service S --member M``
+``python -m tenure.lab.candidate --endpoints URLS --service S --member M``
 campaigns for ever and prints one JSON object per line on stdout:
 ``ready``, ``elected`` (token, t, deadline), ``lost`` (token, reason, t,
 valid_until), ``leader`` (observer mode) and ``reply`` to commands. Times
@@ -25,18 +25,18 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import connect
-from .election import Election, Leadership
-from .errors import TenureError
-from .fencing import etcd_put, install_pg_fence, pg_fence
+from .. import connect
+from ..election import Election, Leadership
+from ..errors import TenureError
+from ..fencing import etcd_put, install_pg_fence, pg_fence
 
 
 class CandidateProcess:
-    """The parent side: one ``python -m tenure._candidate`` process and the events it printed."""
+    """The parent side: one ``python -m tenure.lab.candidate`` process and the events it printed."""
 
     def __init__(self, endpoints: list[str], service: str, member: str, *, ttl: float = 2,
                  pg: str | None = None, observe: bool = False, stderr: Any = None) -> None:
-        cmd = [sys.executable, "-m", "tenure._candidate", "--endpoints", ",".join(endpoints),
+        cmd = [sys.executable, "-m", "tenure.lab.candidate", "--endpoints", ",".join(endpoints),
                "--service", service, "--member", member, "--ttl", str(ttl)]
         if pg:
             cmd += ["--pg", pg]
@@ -139,7 +139,7 @@ def _write(args: argparse.Namespace, client: Any, leadership: Leadership | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tenure._candidate")
+    p = argparse.ArgumentParser(prog="python -m tenure.lab.candidate")
     p.add_argument("--endpoints", required=True)
     p.add_argument("--service", required=True)
     p.add_argument("--member", required=True)

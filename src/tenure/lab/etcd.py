@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, TenureError
+from ..errors import ConfigError, TenureError
 
 
 def etcd_binary(name: str = "etcd") -> str:

@@ -15,9 +15,9 @@ import tempfile
 import time
 from typing import Callable, TextIO
 
-from . import connect
-from ._candidate import CandidateProcess
-from .localetcd import LocalEtcd
+from .. import connect
+from .candidate import CandidateProcess
+from .etcd import LocalEtcd
 
 SERVICE = "demo-db"
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import psycopg
 
-from . import connect
-from .localetcd import LocalEtcd, free_ports
-from .localpg import LocalPostgresCluster
-from .services.postgres import PostgresNode
+from .. import connect
+from .etcd import LocalEtcd, free_ports
+from .postgres import LocalPostgresCluster
+from ..services.postgres import PostgresNode
 
 
 

@@ -15,8 +15,8 @@ import socket
 import subprocess
 import time
 
-from .errors import ConfigError, TenureError
-from .localetcd import free_ports
+from ..errors import ConfigError, TenureError
+from .etcd import free_ports
 
 
 def memcached_binary() -> str:

@@ -17,9 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, TenureError
-from .localetcd import free_ports
-from .services.postgres import DEFAULT_BIN_DIR, PostgresNode
+from ..errors import ConfigError, TenureError
+from .etcd import free_ports
+from ..services.postgres import DEFAULT_BIN_DIR, PostgresNode
 
 # Replication needs wal_level replica and WAL senders; pg_rewind needs
 # wal_log_hints; wal_keep_size lets a rewound node catch up without slots

@@ -25,22 +25,34 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
-    from .sidecar import Sidecar
+    from ..election import Leadership
+    from .policy import NodeState
 
 
-def _checks(sidecar: "Sidecar", path: str, query: dict[str, list[str]]) -> tuple[int, Any] | None:
+class Observable(Protocol):
+    """What the endpoints read of a sidecar (:class:`tenure.sidecar.loop.Sidecar` is one)."""
+
+    status: "NodeState | None"
+    leadership: "Leadership | None"
+
+    def lag(self) -> int | None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+def _checks(sidecar: Observable, path: str, query: dict[str, list[str]]) -> tuple[int, Any] | None:
     st = sidecar.status
     healthy = st is not None and st.healthy
     if path in ("/primary", "/master", "/leader", "/read-write"):
         leadership = sidecar.leadership
         ok = (healthy and leadership is not None and leadership.is_valid() and st is not None
-              and st.role == "primary" and not st.read_only)
+              and st.role == "primary" and st.writable)
         return (200 if ok else 503), {"role": st.role if st else "down", "leader": bool(ok)}
     if path == "/replica":
         ok = healthy and st is not None and st.role == "standby" and st.streaming
@@ -64,7 +76,7 @@ def _checks(sidecar: "Sidecar", path: str, query: dict[str, list[str]]) -> tuple
     return None
 
 
-def handler_for(sidecar: "Sidecar") -> type[BaseHTTPRequestHandler]:
+def handler_for(sidecar: Observable) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "tenure-sidecar"
 
@@ -102,7 +114,7 @@ def handler_for(sidecar: "Sidecar") -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(sidecar: "Sidecar", address: tuple[str, int]) -> ThreadingHTTPServer:
+def serve(sidecar: Observable, address: tuple[str, int]) -> ThreadingHTTPServer:
     """Serve the endpoints on a daemon thread; ``.shutdown()`` stops it."""
     server = ThreadingHTTPServer(address, handler_for(sidecar))
     server.daemon_threads = True

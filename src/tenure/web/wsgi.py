@@ -1,8 +1,8 @@
-"""WSGI middleware that turns writes away while a service is read-only (DESIGN.md invariant 5).
+"""WSGI middleware that turns writes away while a service is read-only.
 
 ``ReadOnlyMiddleware(app, router, service="db")``: every request gets
 ``environ["tenure.read_only"]`` (a bool, for a banner) and
-``environ["tenure.view"]`` (the :class:`~tenure.router.ServiceView`); while the
+``environ["tenure.view"]`` (the :class:`~tenure.web.router.ServiceView`); while the
 service is read-only, unsafe methods (POST, PUT, PATCH, DELETE) get
 ``503 Service Unavailable`` with ``Retry-After`` and a configurable body
 without reaching the application. Reads always pass through. A
@@ -17,10 +17,10 @@ import logging
 import sys
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import ConfigError, ReadOnly
+from ..errors import ConfigError, ReadOnly
 from .router import Router
 
-log = logging.getLogger("tenure.wsgi")
+log = logging.getLogger("tenure.web")
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -52,7 +52,7 @@ class ReadOnlyMiddleware:
         if not callable(app):
             raise ConfigError(f"ReadOnlyMiddleware needs a WSGI callable, got {app!r}")
         if not isinstance(router, Router):
-            raise ConfigError(f"ReadOnlyMiddleware needs a tenure.router.Router, got {type(router).__name__}")
+            raise ConfigError(f"ReadOnlyMiddleware needs a tenure.web.Router, got {type(router).__name__}")
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ConfigError(f"retry_after must be whole seconds >= 0, got {retry_after!r}")
         if not isinstance(body, (str, bytes)):
@@ -69,7 +69,7 @@ class ReadOnlyMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         view = self.view
-        if self._waited_gen != view._gen:
+        if self._waited_gen != view.generation:
             self._first_request()
         read_only = view.read_only
         environ["tenure.read_only"] = read_only
@@ -85,7 +85,7 @@ class ReadOnlyMiddleware:
     def _first_request(self) -> None:
         if self.first_wait > 0 and not self.view.ready(self.first_wait):
             log.warning("no view of %s after %.1f s: answering read-only", self.view.name, self.first_wait)
-        self._waited_gen = self.view._gen
+        self._waited_gen = self.view.generation
 
     def _refuse(self, start_response: StartResponse, exc_info: Any) -> Iterable[bytes]:
         start_response("503 Service Unavailable", list(self.headers), exc_info)

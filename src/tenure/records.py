@@ -1,0 +1,325 @@
+"""The etcd schema: every key tenure writes, and every record stored under it.
+
+This is the only module that spells a key or parses a record. Keys are
+relative to the client's namespace (``/tenure`` by default); everything of
+one service lives under ``svc/<service>/``:
+
+=============================  ==========================================  =====================
+key                            record                                      bound to
+=============================  ==========================================  =====================
+``leader``                     :class:`LeaderRecord` (its create revision  the leader's lease
+                               is the term's fencing token)
+``candidates/<member>``        :class:`CandidateRecord`                    the candidate's lease
+``history/<token:020d>``       :class:`Term`                               nothing (kept, trimmed)
+``primary``                    :class:`PrimaryRecord`                      the leader's lease
+``members/<member>``           :class:`MemberRecord`                       the member's own lease
+=============================  ==========================================  =====================
+
+Each record type has ``encode() -> bytes`` and ``decode(bytes)``; decode
+raises :class:`~tenure.errors.MalformedRecord` (never ``KeyError`` or
+``JSONDecodeError``) for a value that is not a valid record, so a reader can
+skip it and fail closed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError, MalformedRecord
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_name(kind: str, name: object) -> str:
+    """Return ``name`` if it is a valid service or member name, else raise ConfigError."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_token(token: object) -> int:
+    """Return ``token`` if it is a fencing token (a positive int), else raise ConfigError."""
+    if isinstance(token, bool) or not isinstance(token, int) or token <= 0:
+        raise ConfigError(f"a fencing token is a positive int, got {token!r}")
+    return token
+
+
+# -- keys -------------------------------------------------------------------------
+
+SERVICES_PREFIX = "svc/"
+
+
+def service_prefix(service: str) -> str:
+    """``svc/<service>/``: everything of one service."""
+    return f"{SERVICES_PREFIX}{service}/"
+
+
+def leader_key(service: str) -> str:
+    return service_prefix(service) + "leader"
+
+
+def primary_key(service: str) -> str:
+    return service_prefix(service) + "primary"
+
+
+def candidates_prefix(service: str) -> str:
+    return service_prefix(service) + "candidates/"
+
+
+def candidate_key(service: str, member: str) -> str:
+    return candidates_prefix(service) + member
+
+
+def history_prefix(service: str) -> str:
+    return service_prefix(service) + "history/"
+
+
+def history_key(service: str, token: int) -> str:
+    return f"{history_prefix(service)}{token:020d}"
+
+
+def members_prefix(service: str) -> str:
+    return service_prefix(service) + "members/"
+
+
+def member_key(service: str, member: str) -> str:
+    return members_prefix(service) + member
+
+
+def split_service_key(key: str) -> tuple[str, str] | None:
+    """``("db", "members/n1")`` for ``svc/db/members/n1``; None for a key outside the schema."""
+    if not key.startswith(SERVICES_PREFIX):
+        return None
+    service, sep, rest = key[len(SERVICES_PREFIX):].partition("/")
+    return (service, rest) if sep and service else None
+
+
+def member_of(service: str, key: str) -> str | None:
+    """The member name of a ``members/<member>`` key of ``service``, else None."""
+    prefix = members_prefix(service)
+    return key[len(prefix):] if key.startswith(prefix) and len(key) > len(prefix) else None
+
+
+# -- records ----------------------------------------------------------------------
+
+
+def _load(kind: str, raw: bytes | str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedRecord(f"malformed {kind} record: {e}") from None
+    if not isinstance(data, dict):
+        raise MalformedRecord(f"malformed {kind} record: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _get(kind: str, data: Mapping[str, Any], name: str, types: type | tuple[type, ...],
+         default: Any = ..., *, nullable: bool = False) -> Any:
+    if name not in data:
+        if default is ...:
+            raise MalformedRecord(f"malformed {kind} record: no {name!r}")
+        return default
+    value = data[name]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise MalformedRecord(f"malformed {kind} record: {name!r} is {value!r}")
+    if not isinstance(value, types):
+        raise MalformedRecord(f"malformed {kind} record: {name!r} is {value!r}")
+    return value
+
+
+def _dumps(data: Mapping[str, Any]) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class LeaderRecord:
+    """The value of the leader key. The term's token is the key's create revision, not stored here."""
+
+    member: str
+    value: dict[str, Any] | None = None
+    since: float = 0.0  # wall-clock start, for display only
+
+    def encode(self) -> bytes:
+        return _dumps({"member": self.member, "value": self.value, "since": self.since})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "LeaderRecord":
+        d = _load("leader", raw)
+        value = _get("leader", d, "value", dict, None, nullable=True)
+        return cls(_get("leader", d, "member", str), value, float(_get("leader", d, "since", (int, float), 0.0)))
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    """Who leads a service: ``token`` is the term's fencing token."""
+
+    member: str
+    token: int
+    value: dict[str, Any] | None
+    since: float  # wall-clock time the term began, for display only
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """A live candidate of an election, bound to its lease."""
+
+    member: str
+    value: dict[str, Any] | None = None
+    since: float = 0.0
+    ttl: int = 0
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "CandidateRecord":
+        d = _load("candidate", raw)
+        return cls(_get("candidate", d, "member", str), _get("candidate", d, "value", dict, None, nullable=True),
+                   float(_get("candidate", d, "since", (int, float), 0.0)), int(_get("candidate", d, "ttl", int, 0)))
+
+
+@dataclass(frozen=True)
+class Term:
+    """One past or current term of a service, as recorded in its history.
+
+    ``timeline`` and ``start_position`` are what the new primary had when it
+    took over (for PostgreSQL: its timeline and WAL position after promotion);
+    a node may lead again only if it holds at least that much.
+    """
+
+    token: int
+    member: str
+    start: float
+    end: float | None = None
+    reason: str | None = None
+    timeline: int | None = None
+    start_position: int | None = None
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    def ended(self, end: float, reason: str) -> "Term":
+        return Term(self.token, self.member, self.start, end, reason, self.timeline, self.start_position)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "Term":
+        d = _load("history", raw)
+        k = "history"
+        return cls(check_token_field(k, d), _get(k, d, "member", str),
+                   float(_get(k, d, "start", (int, float))),
+                   _float_or_none(_get(k, d, "end", (int, float), None, nullable=True)),
+                   _get(k, d, "reason", str, None, nullable=True),
+                   _get(k, d, "timeline", int, None, nullable=True),
+                   _get(k, d, "start_position", int, None, nullable=True))
+
+
+def check_token_field(kind: str, d: Mapping[str, Any]) -> int:
+    token = _get(kind, d, "token", int)
+    if token <= 0:
+        raise MalformedRecord(f"malformed {kind} record: token {token!r}")
+    return int(token)
+
+
+def _float_or_none(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+@dataclass(frozen=True)
+class PrimaryRecord:
+    """Where the current primary takes writes, published once it is writable; ``token`` is its term.
+
+    ``dsn`` is how clients reach it: a libpq connection string without
+    secrets for PostgreSQL, a URL for an HTTP service.
+    """
+
+    member: str
+    dsn: str
+    token: int
+
+    def encode(self) -> bytes:
+        return _dumps({"member": self.member, "dsn": self.dsn, "token": self.token})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "PrimaryRecord":
+        d = _load("primary", raw)
+        return cls(_get("primary", d, "member", str), _get("primary", d, "dsn", str), check_token_field("primary", d))
+
+
+# Fields of a member record that tenure itself reads, with their types; a
+# service policy may publish more (kept in ``extra``).
+_MEMBER_FIELDS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "role": (str, "unknown"),
+    "healthy": (bool, False),
+    "dsn": (str, None),
+    "address": (str, None),
+    "zone": (str, ""),
+    "priority": (int, 0),
+    "nofailover": (bool, False),
+    "streaming": (bool, False),
+    "eligible": (bool, False),
+    "leader": (bool, False),
+    "timeline": (int, None),
+    "position": (int, None),
+    "updated": ((int, float), None),
+}
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One member's published state: who it is, how healthy, how far along.
+
+    ``position`` is how much of the primary's history the member holds
+    (PostgreSQL: WAL bytes; Solr: index generation); ``extra`` holds the
+    service-specific fields (WAL positions, synchronous standbys, cache
+    versions...) as published.
+    """
+
+    member: str
+    role: str = "unknown"
+    healthy: bool = False
+    dsn: str | None = None
+    address: str | None = None
+    zone: str = ""
+    priority: int = 0
+    nofailover: bool = False
+    streaming: bool = False
+    eligible: bool = False
+    leader: bool = False
+    timeline: int | None = None
+    position: int | None = None
+    updated: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as published (JSON object)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**dict(self.extra), **out}
+
+    def encode(self) -> bytes:
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "MemberRecord":
+        d = _load("member", raw)
+        kw: dict[str, Any] = {"member": _get("member", d, "member", str)}
+        for name, (types, default) in _MEMBER_FIELDS.items():
+            kw[name] = _get("member", d, name, types, default, nullable=True)
+            if kw[name] is None and default is not None:
+                kw[name] = default
+        extra = {k: v for k, v in d.items() if k not in _MEMBER_FIELDS and k != "member"}
+        return cls(**kw, extra=extra)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field by its published name, service-specific ones included."""
+        if name in _MEMBER_FIELDS or name == "member":
+            value = getattr(self, name)
+            return default if value is None else value
+        return self.extra.get(name, default)

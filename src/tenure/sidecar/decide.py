@@ -1,0 +1,50 @@
+"""What the sidecar does next, as a pure function of what it observed this tick.
+
+Kept apart from the loop so that every branch can be read in one place and
+tested without servers. Uncertainty never promotes: without a view of the
+election the answer is :data:`Action.WAIT`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Action(enum.Enum):
+    LEAD = "lead"  # holds a valid term: keep leading
+    STEP_DOWN = "step_down"  # held a term that has ended: refuse writes, demote
+    WAIT = "wait"  # no view of the election yet: do nothing rather than guess
+    FOLLOW = "follow"  # another member leads: follow it
+    START = "start"  # nobody leads and the local server is stopped: start it as it was
+    CAMPAIGN = "campaign"  # nobody leads: campaign if eligible (after the rank wait)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The facts one tick decides on."""
+
+    holds_term: bool  # this sidecar holds a leadership object
+    term_valid: bool  # ... and it is valid now (local deadline not passed)
+    leader_seen: bool  # the election's watch has delivered its first view
+    leader: str | None  # the current leader's member name, None if nobody leads
+    member: str  # this member's name
+    role: str  # the local server's role
+    running: bool  # the local server's process exists
+
+
+def decide(o: Observed) -> Action:
+    """The one thing to do this tick."""
+    if o.holds_term:
+        return Action.LEAD if o.term_valid else Action.STEP_DOWN
+    if not o.leader_seen:
+        return Action.WAIT
+    if o.leader is not None and o.leader != o.member:
+        return Action.FOLLOW
+    if o.leader is None and o.role == "down" and not o.running:
+        return Action.START
+    if o.leader is None:
+        return Action.CAMPAIGN
+    # The election names this member but the sidecar holds no term (it was lost a moment ago):
+    # wait for the key to go rather than act on it.
+    return Action.WAIT
