@@ -83,6 +83,7 @@ class _Lease:
         self.renewed = t_sent  # monotonic time taken before the last request etcd answered
         self.leading = False  # set once this lease holds the leader key: then it reports to metrics
         self.on_expired: Callable[[str], None] = lambda reason: None
+        self.on_renewed: Callable[[float], None] = lambda deadline: None
         self._stop = threading.Event()
         self.expired = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tenure-keepalive:{labels[0]}", daemon=True)
@@ -126,6 +127,10 @@ class _Lease:
             failing = False
             self.renewed = max(self.renewed, t_sent)
             next_at = t_sent + interval
+            try:
+                self.on_renewed(self.deadline)
+            except Exception:
+                log.exception("%s/%s: lease renewal hook failed", *self._labels)
             if self.leading:
                 metrics.LEASE_REMAINING.labels(*self._labels).set(self.deadline - time.monotonic())
 
@@ -152,6 +157,7 @@ class Leadership:
         self._lease = lease
         self._lock = threading.Lock()
         self._callbacks: list[Callable[["Leadership"], None]] = []
+        self._renewed_callbacks: list[Callable[[float], None]] = []
         self._final_deadline: float | None = None
 
     @property
@@ -170,6 +176,23 @@ class Leadership:
     def remaining(self) -> float:
         """Seconds left before the local deadline (0 once lost)."""
         return 0.0 if self.lost.is_set() else max(0.0, self._lease.deadline - time.monotonic())
+
+    def on_renewed(self, callback: Callable[[float], None]) -> None:
+        """Call ``callback(deadline)`` after each lease renewal etcd confirmed, on the keepalive thread.
+
+        ``deadline`` is the new absolute local deadline (a ``time.monotonic()``
+        value). Keep the callback short: the next renewal waits for it. A
+        PostgreSQL sidecar renews its in-database write guard from here, so
+        the guard follows the lease rather than the sidecar's loop.
+        """
+        self._renewed_callbacks.append(callback)
+        self._lease.on_renewed = self._renewed
+
+    def _renewed(self, deadline: float) -> None:
+        if self.lost.is_set():
+            return
+        for cb in list(self._renewed_callbacks):
+            cb(deadline)
 
     def on_lost(self, callback: Callable[["Leadership"], None]) -> None:
         """Call ``callback(leadership)`` once when this term ends (at once if it already has)."""
