@@ -133,6 +133,7 @@ def check(writes: Sequence[WriteRecord], reads: Sequence[ReadRecord],
     v.terms = terms(writes)
     v.failovers = failovers(v.terms)
     v.write_availability = write_availability(writes, start, end)
+    reads = [r for r in reads if start <= r.t < end]
     v.read_availability = sum(r.ok for r in reads) / len(reads) if reads else 0.0
     v.longest_read_outage = read_outage(reads)
     return v

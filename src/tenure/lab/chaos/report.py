@@ -26,7 +26,7 @@ def markdown(data: dict[str, Any]) -> str:
     fo = v["failovers"]
     tokens = sorted({t[0] for t in v["terms"]})
     outcomes = Counter(w["outcome"] for w in data["writes"])
-    cache = data["cache"]
+    cache = [c for c in data["cache"] if t0 <= c[0] < run["end"]]
     lines = [
         f"# Chaos run, seed {run['seed']}",
         "",
