@@ -46,3 +46,10 @@ def test_lost_write_fails_in_synchronous_mode_only():
 
 def test_rows_going_back_in_token_are_a_violation():
     assert checker.rows_in_order([(1, "a", 9, "n2"), (2, "b", 5, "n1")])
+
+
+def test_synchronous_ack_without_a_synchronous_standby_is_a_violation():
+    ws = [WriteRecord("c", "c-1", 0.0, 0.1, "n1", 5, "ok", "n1", 5, "")]
+    v = checker.check(ws, [], [(1, "c-1", 5, "n1")], synchronous=True, start=0, end=1)
+    assert not v.ok and v.unreplicated == ["c-1"]
+    assert checker.check(ws, [], [(1, "c-1", 5, "n1")], synchronous=False, start=0, end=1).ok

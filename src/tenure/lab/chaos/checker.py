@@ -8,7 +8,9 @@ transaction) and the client's monotonic send and acknowledge times.
   commits under an older token; a token belongs to one server only; rows on
   the final primary, in commit-sequence order, never go back in token;
 * **nothing lost**: every acknowledged id is on the final primary (counted;
-  zero is required in synchronous mode);
+  zero is required in synchronous mode), and in synchronous mode no write is
+  acknowledged by a primary without a synchronous standby (it would exist on
+  one server only);
 * **liveness**: each round recovered (exactly one primary, writes acknowledged)
   within the bound after its fault healed;
 * **availability**: the share of time with acknowledged writes, each
@@ -37,6 +39,7 @@ class Verdict:
     read_availability: float = 0.0
     longest_read_outage: float = 0.0
     terms: list[tuple[int, str, float, float]] = field(default_factory=list)  # token, server, first, last ack
+    unreplicated: list[str] = field(default_factory=list)  # synchronous mode: acked with no synchronous standby
 
     @property
     def ok(self) -> bool:
@@ -129,6 +132,12 @@ def check(writes: Sequence[WriteRecord], reads: Sequence[ReadRecord],
     if synchronous and v.lost:
         v.violations.append(f"{len(v.lost)} acknowledged writes missing on the final primary "
                             f"(synchronous mode), e.g. {v.lost[:5]}")
+    if synchronous:
+        v.unreplicated = [w.id for w in writes if w.outcome == "ok" and w.sync_names == ""]
+        if v.unreplicated:
+            v.violations.append(f"{len(v.unreplicated)} writes acknowledged in synchronous mode by a primary with "
+                                f"no synchronous standby (synchronous_standby_names empty), e.g. "
+                                f"{v.unreplicated[:3]}")
     v.violations += list(liveness)
     v.terms = terms(writes)
     v.failovers = failovers(v.terms)

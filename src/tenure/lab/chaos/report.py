@@ -26,6 +26,10 @@ def markdown(data: dict[str, Any]) -> str:
     fo = v["failovers"]
     tokens = sorted({t[0] for t in v["terms"]})
     outcomes = Counter(w["outcome"] for w in data["writes"])
+    # A round that changed the primary without touching the primary's host or zone, nor etcd's leader.
+    untouched = [e for e in run["events"] if e["primary_before"] and e["primary_after"]
+                 and e["primary_before"] != e["primary_after"] and e["host"] != e["primary_before"]
+                 and e["fault"]["target"] != "primary" and e.get("etcd_leader") not in e["host"].split("+")]
     cache = [c for c in data["cache"] if t0 <= c[0] < run["end"]]
     lines = [
         f"# Chaos run, seed {run['seed']}",
@@ -41,6 +45,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"| violations | {len(v['violations'])} |",
         f"| writes tried / acknowledged | {len(data['writes'])} / {v['acked']} |",
         f"| acknowledged writes lost | {len(v['lost'])} |",
+        f"| acknowledged with no synchronous standby (synchronous mode) | {len(v.get('unreplicated', []))} |",
+        f"| nodes rebuilt because they did not come back | {len(run.get('repairs', []))} |",
         f"| terms seen by writers (leader changes) | {len(tokens)} ({max(0, len(tokens) - 1)}) |",
         f"| failover write gap median / p99 / max | {percentile(fo, 0.5):.2f} / {percentile(fo, 0.99):.2f} / "
         f"{max(fo, default=0):.2f} s |",
@@ -49,6 +55,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"| longest read outage | {v['longest_read_outage']:.2f} s |",
         f"| cache availability (set+get that succeeded) | "
         f"{(sum(ok for _, ok in cache) / len(cache)) if cache else 0:.4f} |",
+        f"| rounds that moved the primary without touching it or etcd's leader | {len(untouched)} |",
         f"| final primary | {data['final_primary']} |",
         "",
         "Faults by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ".",
@@ -60,13 +67,16 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"Load: `{run['stress']}`.", ""]
     lines += ["## Violations", ""]
     lines += [f"- {x}" for x in v["violations"]] or ["None."]
-    lines += ["", "## Rounds", "", "| # | fault | host | start s | dur s | primary before -> after | "
-              "recovered after heal s | settled |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Nodes rebuilt (did not come back on their own)", ""]
+    lines += [f"- {x}" for x in run.get("repairs", [])] or ["None."]
+    lines += ["", "## Rounds", "", "| # | fault | host | etcd leader | start s | dur s | primary before -> after | "
+              "recovered after heal s | settled |", "|---|---|---|---|---|---|---|---|---|"]
     for e in run["events"]:
         f = e["fault"]
         rec = f"{e['recovered'] - e['healed']:.2f}" if e["recovered"] else "NO"
         detail = "".join(f" {k}={val}" for k, val in f["detail"].items())
-        lines.append(f"| {f['round']} | {f['kind']}{detail} | {e['host']} | {e['start'] - t0:.1f} | "
+        lines.append(f"| {f['round']} | {f['kind']}{detail} | {e['host']} | {e.get('etcd_leader')} | "
+                     f"{e['start'] - t0:.1f} | "
                      f"{f['duration']} | {e['primary_before']} -> {e['primary_after']} | {rec} | "
                      f"{'yes' if e['settled'] else 'NO'} |")
     return "\n".join(lines) + "\n"

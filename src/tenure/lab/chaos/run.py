@@ -43,6 +43,7 @@ class Event:
     settled: float | None = None  # every member back (etcd healthy, standbys streaming)
     primary_before: str | None = None
     primary_after: str | None = None
+    etcd_leader: str | None = None  # the raft leader when the fault started
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Run:
     end: float = 0.0
     events: list[Event] = field(default_factory=list)
     liveness: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)  # nodes that did not come back and were rebuilt
     stress: str = ""
 
 
@@ -95,11 +97,38 @@ def _recover(stack: Stack, writers: list[Writer], ev: Event, run: Run) -> None:
     else:
         run.liveness.append(f"round {ev.fault['round']} ({ev.fault['kind']} on {ev.host}): no single primary "
                             f"taking writes within {RECOVERY_BOUND:.0f} s of the heal")
+    if not _settle(stack, ev):
+        # A node that did not come back on its own is a finding; rebuild it so that the run goes on.
+        primary = _primary(stack)
+        roles = stack.roles()
+        for h in DB:
+            if primary is not None and roles.get(h) not in ("primary", "standby"):
+                tail = _last_lines(stack.db[h].node.log_file)
+                run.repairs.append(f"round {ev.fault['round']} ({ev.fault['kind']} on {ev.host}): {h} did not "
+                                   f"come back within {SETTLE_BOUND:.0f} s (role {roles.get(h)}); server log: {tail}")
+                print(f"chaos: rebuilding {h}: {run.repairs[-1]}", flush=True)
+                try:
+                    stack.reclone(h, primary)
+                except Exception as e:
+                    log.warning("%s: rebuild failed: %s", h, e)
+        _settle(stack, ev)
+    ev.primary_after = _primary(stack)
+
+
+def _last_lines(path: str, n: int = 3) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _settle(stack: Stack, ev: Event) -> bool:
     deadline = time.monotonic() + SETTLE_BOUND
     while time.monotonic() < deadline:
         if _settled(stack):
             ev.settled = time.monotonic()
-            break
+            return True
         for h in DB:  # a server the sidecar could not bring back (e.g. it was killed while starting)
             if stack.sidecar_alive(h) and not stack.db[h].node.is_running() and time.monotonic() > ev.healed + 10:
                 try:
@@ -107,7 +136,7 @@ def _recover(stack: Stack, writers: list[Writer], ev: Event, run: Run) -> None:
                 except Exception as e:  # logged; the round records that it did not settle
                     log.warning("%s: %s", h, e)
         time.sleep(0.3)
-    ev.primary_after = _primary(stack)
+    return False
 
 
 def run_faults(stack: Stack, writers: list[Writer], run: Run) -> None:
@@ -119,7 +148,7 @@ def run_faults(stack: Stack, writers: list[Writer], run: Run) -> None:
             break
         before = _primary(stack)
         host = resolve(stack, f, before)
-        ev = Event(f.as_dict(), host, time.monotonic(), primary_before=before)
+        ev = Event(f.as_dict(), host, time.monotonic(), primary_before=before, etcd_leader=stack.etcd_leader())
         run.events.append(ev)
         log.info("fault %s on %s", f.describe(), host)
         heal = inject(stack, f, host)
@@ -196,9 +225,8 @@ def execute(run: Run, out: str, writers_n: int = 3) -> tuple[Verdict, dict[str, 
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(data, f)
-        if not verdict.ok:
-            with open(os.path.join(out, "logs.txt"), "w") as f:
-                f.write(stack.logs(20000))
+        with open(os.path.join(out, "logs.txt"), "w") as f:
+            f.write(stack.logs(20000))
         return verdict, data
     finally:
         for c in clients:

@@ -141,6 +141,20 @@ class Stack:
             return False
         return res.returncode == 0
 
+    def etcd_leader(self) -> str | None:
+        """The member etcd has as its raft leader (None if it cannot tell within a second)."""
+        running = {f"http://{self.net.address(e)}:{ETCD_PORT}": e for e in ETCD if self.etcd_alive(e)}
+        try:
+            res = subprocess.run([etcd_binary("etcdctl"), "--endpoints", ",".join(running), "endpoint", "status",
+                                  "-w", "json", "--command-timeout=1s"], capture_output=True, text=True,
+                                 timeout=5, env={**os.environ, "ETCDCTL_API": "3"})
+            for st in json.loads(res.stdout or "[]"):
+                if st["Status"]["header"]["member_id"] == st["Status"]["leader"]:
+                    return running.get(st["Endpoint"])
+        except (subprocess.TimeoutExpired, ValueError, KeyError):
+            pass
+        return None
+
     def wait_etcd(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.etcd_healthy():
@@ -187,6 +201,21 @@ class Stack:
                                   "start", "-D", node.data_dir, "-l", node.log_file, "-w", "-t", "30", "-o", opts])
         if res.returncode != 0:
             raise TenureError(f"{host}: pg_ctl start failed: {(res.stderr or res.stdout).strip()}")
+
+    def reclone(self, host: str, primary: str) -> None:
+        """Rebuild ``host`` from scratch as a standby of ``primary`` (pg_basebackup), as an operator would."""
+        self.signal_sidecar(host, signal.SIGKILL)
+        for pid in self.postgres_pids(host):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node = self.db[host].node
+        time.sleep(0.2)
+        shutil.rmtree(node.data_dir, ignore_errors=True)
+        node.clone_from(self.dsn(primary), timeout=60)
+        self.start_postgres(host)
+        self.start_sidecar(host)
 
     def _write_sidecar_config(self, h: DbHost) -> None:
         node = h.node

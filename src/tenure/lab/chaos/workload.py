@@ -41,6 +41,7 @@ class WriteRecord:
     outcome: str  # "ok", "readonly", "unavailable", "error:<class>"
     server: str | None = None  # who acknowledged, in the server's own words
     server_token: int | None = None
+    sync_names: str | None = None  # the server's synchronous_standby_names when it committed
 
 
 @dataclass
@@ -104,19 +105,20 @@ class Writer(_Loop):
         p = self.view.primary
         target, token = (p.member, p.token) if p is not None else (None, None)
         sent = time.monotonic()
-        server = server_token = None
+        server = server_token = sync_names = None
         try:
             with self.provider.write() as conn:
                 row = conn.execute(
                     f"INSERT INTO {TABLE} (id, client, token, server) VALUES "
                     "(%s, %s, (SELECT token FROM tenure.lease), current_setting('cluster_name')) "
-                    "RETURNING server, token", (wid, self.name)).fetchone()
-                server, server_token = row
+                    "RETURNING server, token, current_setting('synchronous_standby_names')",
+                    (wid, self.name)).fetchone()
+                server, server_token, sync_names = row
             outcome = "ok"
         except Exception as e:
             outcome = _outcome(e)
         self.records.append(WriteRecord(self.name, wid, sent, time.monotonic(), target, token, outcome,
-                                        server, server_token))
+                                        server, server_token, sync_names))
 
     def stop(self, timeout: float = 15.0) -> None:
         super().stop(timeout)
