@@ -1,6 +1,6 @@
 """A short seeded chaos run of the whole stack: faults of every family, then the checker must find nothing.
 
-Replays a fixed seed (the schedule is printed by the run) for about a minute and a half of faults in
+Replays a fixed seed (the schedule is printed by the run) for about a minute of faults in
 synchronous mode: no two servers acknowledge in overlapping terms, no acknowledged write is missing on the
 final primary, and every round recovers (one primary taking writes) within the liveness bound.
 """
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 SEED = int(os.environ.get("TENURE_CHAOS_SEED", "7"))
-MINUTES = float(os.environ.get("TENURE_CHAOS_MINUTES", "1.5"))
+MINUTES = float(os.environ.get("TENURE_CHAOS_MINUTES", "1.0"))
 
 
 @pytest.mark.timeout(420)
