@@ -10,5 +10,7 @@ loopback ports in temporary directories and removes them on ``stop()``:
 * :mod:`tenure.lab.cluster` -- a PostgreSQL cluster with a ``tenure sidecar``
   process per node, and the means to hurt it;
 * :mod:`tenure.lab.candidate` -- election candidates in their own processes;
-* :mod:`tenure.lab.demo` -- ``tenure demo``.
+* :mod:`tenure.lab.demo` -- ``tenure demo``;
+* :mod:`tenure.lab.netns` -- hosts as network namespaces, and partitions between them;
+* :mod:`tenure.lab.chaos` -- the whole stack in namespaces under seeded faults, a checker and a report.
 """
