@@ -40,7 +40,8 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 from . import metrics
-from .errors import CampaignTimeout, ConfigError, EtcdError, NotLeader
+from .errors import (AuthFailed, CampaignTimeout, ClientClosed, ConfigError, EtcdError, LeaseNotFound, NotLeader,
+                     PermissionDenied)
 from .etcd import Client, Event, KeyValue
 from .fencing import etcd_put
 from . import records
@@ -97,6 +98,13 @@ class _Lease:
         self._stop.set()
 
     def _run(self) -> None:
+        try:
+            self._renew_until_stopped()
+        except Exception as e:  # never die silently: whoever waits on the lease must hear of it
+            log.exception("%s/%s: lease keepalive thread failed", *self._labels)
+            self._expire(f"lease keepalive thread failed: {type(e).__name__}: {e}")
+
+    def _renew_until_stopped(self) -> None:
         interval = self.ttl / 3
         next_at = self.renewed + interval
         failing = False
@@ -302,17 +310,33 @@ class Election:
         """Block until this member leads the service; raise CampaignTimeout after ``timeout`` s."""
         give_up = None if timeout is None else time.monotonic() + timeout
         view = self._ensure_view()
-        lease = self._new_lease()
+        lease: _Lease | None = None
+        backoff = RETRY_AFTER_FAILURE
         try:
+            lease = self._new_lease()
             while True:
                 if lease.expired.is_set():
+                    lease.stop()
+                    lease = None
                     lease = self._renew_candidacy(give_up)
                 record = LeaderRecord(self.member, self.value, time.time()).encode()
                 try:
                     created, kv = self.client.create(self._leader_key, record, lease=lease.id)
+                except (PermissionDenied, AuthFailed, ClientClosed):
+                    raise  # no later attempt can succeed
+                except LeaseNotFound:
+                    log.warning("%s/%s: the candidacy lease is gone; taking a new one", self.service, self.member)
+                    lease.expired.set()
+                    continue
                 except EtcdError as e:
                     log.warning("%s/%s: campaign attempt failed: %s", self.service, self.member, e)
-                    created, kv = False, None
+                    now = time.monotonic()
+                    if give_up is not None and now >= give_up:
+                        raise CampaignTimeout(f"{self.member} did not win {self.service} within {timeout} s: {e}") from None
+                    time.sleep(backoff if give_up is None else max(0.0, min(backoff, give_up - now)))
+                    backoff = min(2 * backoff, self.ttl / 2)
+                    continue
+                backoff = RETRY_AFTER_FAILURE
                 if kv is not None and (created or kv.lease == lease.id):
                     leadership = self._begin(lease, kv.create_revision)
                     if leadership is not None:
@@ -326,9 +350,10 @@ class Election:
                 wait = self.ttl / 2 if give_up is None else min(self.ttl / 2, give_up - now)
                 view.wait_change(kv.create_revision if kv is not None else None, wait)
         except BaseException:
-            lease.stop()
-            with contextlib.suppress(EtcdError):
-                self.client.revoke(lease.id, retry_for=1.0)
+            if lease is not None:
+                lease.stop()
+                with contextlib.suppress(EtcdError):
+                    self.client.revoke(lease.id, retry_for=1.0)
             raise
 
     @contextlib.contextmanager
@@ -345,6 +370,8 @@ class Election:
         while True:
             try:
                 return self._new_lease()
+            except (PermissionDenied, AuthFailed, ClientClosed):
+                raise
             except EtcdError as e:
                 if give_up is not None and time.monotonic() >= give_up:
                     raise CampaignTimeout(f"{self.member} could not campaign for {self.service}: {e}") from None
@@ -354,7 +381,13 @@ class Election:
     def _new_lease(self) -> _Lease:
         lease = _Lease(self.client, self.ttl, self.margin, (self.service, self.member))
         record = CandidateRecord(self.member, self.value, time.time(), self.ttl).encode()
-        self.client.put(records.candidate_key(self.service, self.member), record, lease=lease.id)
+        try:
+            self.client.put(records.candidate_key(self.service, self.member), record, lease=lease.id)
+        except BaseException:
+            lease.stop()  # nothing a failed attempt allocates outlives it
+            with contextlib.suppress(EtcdError):
+                self.client.revoke(lease.id, retry_for=1.0)
+            raise
         return lease
 
     def _begin(self, lease: _Lease, token: int) -> Leadership | None:

@@ -186,7 +186,7 @@ class LocalEtcd:
 
     def etcdctl(self, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
         """Run etcdctl against the running members, as root (with TLS and auth as configured)."""
-        return self._etcdctl([m for m in self.members if m.alive], *args, timeout=timeout)
+        return self._etcdctl([m for m in self.members if m.alive], "--command-timeout=10s", *args, timeout=timeout + 5)
 
     def add_user(self, name: str, password: str, *, readwrite: str | None = None) -> None:
         """With auth on: a user whose one role may read and write keys under prefix ``readwrite`` (None: none)."""
@@ -253,10 +253,9 @@ class LocalEtcd:
         cluster = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
         extra: list[str] = []
         if self.certs is not None:
-            extra += ["--trusted-ca-file", self.certs.ca,
-                      "--cert-file", self.certs.server_cert, "--key-file", self.certs.server_key]
+            extra += ["--cert-file", self.certs.server_cert, "--key-file", self.certs.server_key]
             if not self.auth:  # with auth, a certificate's CN would log its holder in without the password
-                extra += ["--client-cert-auth"]
+                extra += ["--client-cert-auth", "--trusted-ca-file", self.certs.ca]
         if self.auth:
             extra += ["--auth-token", "simple", "--auth-token-ttl", str(self.auth_token_ttl)]
         log = open(os.path.join(self.workdir, f"{m.name}.log"), "ab")
