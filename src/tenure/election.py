@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -41,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 from . import metrics
 from .errors import (AuthFailed, CampaignTimeout, ClientClosed, ConfigError, EtcdError, LeaseNotFound, NotLeader,
-                     PermissionDenied)
+                     PermissionDenied, UsedAfterFork)
 from .etcd import Client, Event, KeyValue
 from .fencing import etcd_put
 from . import records
@@ -167,6 +168,10 @@ class Leadership:
         self._callbacks: list[Callable[["Leadership"], None]] = []
         self._renewed_callbacks: list[Callable[[float], None]] = []
         self._final_deadline: float | None = None
+        self._pid = os.getpid()  # a forked child has no keepalive behind this term
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
 
     @property
     def deadline(self) -> float:
@@ -179,11 +184,13 @@ class Leadership:
 
     def is_valid(self) -> bool:
         """True while this process may act as leader."""
-        return not self.lost.is_set() and time.monotonic() < self._lease.deadline
+        return not self.lost.is_set() and time.monotonic() < self._lease.deadline and not self._forked()
 
     def remaining(self) -> float:
         """Seconds left before the local deadline (0 once lost)."""
-        return 0.0 if self.lost.is_set() else max(0.0, self._lease.deadline - time.monotonic())
+        if self.lost.is_set() or self._forked():
+            return 0.0
+        return max(0.0, self._lease.deadline - time.monotonic())
 
     def on_renewed(self, callback: Callable[[float], None]) -> None:
         """Call ``callback(deadline)`` after each lease renewal etcd confirmed, on the keepalive thread.
@@ -211,7 +218,10 @@ class Leadership:
         _safe_call(callback, self)
 
     def check(self) -> None:
-        """Raise :class:`NotLeader` unless this leadership is valid."""
+        """Raise :class:`NotLeader` unless this leadership is valid (:class:`UsedAfterFork` in a forked child)."""
+        if self._forked():
+            raise UsedAfterFork(f"the leadership of {self.service} (term {self.token}) belongs to process "
+                                f"{self._pid}; this forked child does not lead")
         if not self.is_valid():
             raise NotLeader(f"{self.member} no longer leads {self.service} (term {self.token}): {self.reason or 'deadline passed'}")
 
@@ -227,14 +237,22 @@ class Leadership:
                         lease=self._lease.id if ephemeral else 0)
 
     def resign(self) -> None:
-        """Step down: stop acting as leader now, then release the leader key."""
+        """Step down: stop acting as leader now, then release the leader key (within ``ttl`` seconds)."""
+        if self._forked():
+            raise UsedAfterFork(f"resign() of {self.service} term {self.token} in a forked child: only process "
+                                f"{self._pid} can resign it")
         if not self._lose("resigned"):
             return
         client = self._election.client
+        end = time.monotonic() + self.ttl  # etcd ends the term by then anyway
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
         try:
-            self._election._end_term(self.token, "resigned", guarded=True)
-            client.delete(self._election._leader_key, guard=(self._election._leader_key, self.token))
-            client.revoke(self._lease.id, retry_for=self.ttl)
+            self._election._end_term(self.token, "resigned", retry_for=left())
+            client.delete(self._election._leader_key, guard=(self._election._leader_key, self.token), retry_for=left())
+            client.revoke(self._lease.id, retry_for=left())
         except EtcdError as e:
             log.warning("%s/%s: could not release the leader key (%s); it expires with the lease",
                         self.service, self.member, e)
@@ -262,7 +280,7 @@ class Leadership:
 
         def run() -> None:
             with contextlib.suppress(EtcdError):
-                self._election._end_term(self.token, self.reason or "lost", guarded=False)
+                self._election._end_term(self.token, self.reason or "lost", retry_for=self.ttl)
             with contextlib.suppress(EtcdError):
                 self._election.client.revoke(self._lease.id, retry_for=self.ttl)
 
@@ -303,11 +321,15 @@ class Election:
         self._lock = threading.Condition()
         self._view: _LeaderView | None = None
         self._current: Leadership | None = None
+        self._pid = os.getpid()
 
     # -- campaigning ----------------------------------------------------------
 
     def campaign(self, timeout: float | None = None) -> Leadership:
         """Block until this member leads the service; raise CampaignTimeout after ``timeout`` s."""
+        if self._pid != os.getpid():
+            raise UsedAfterFork(f"election {self.service}/{self.member} was made in process {self._pid}: "
+                                f"make a new client and election in this forked child")
         give_up = None if timeout is None else time.monotonic() + timeout
         view = self._ensure_view()
         lease: _Lease | None = None
@@ -446,15 +468,18 @@ class Election:
         except EtcdError as e:
             log.info("%s/%s: could not update the history: %s", self.service, self.member, e)
 
-    def _end_term(self, token: int, reason: str, *, guarded: bool) -> None:
+    def _end_term(self, token: int, reason: str, *, retry_for: float | None = None) -> None:
+        """Close term ``token``'s record, unless someone (its successor) has written it since it was read."""
         key = records.history_key(self.service, token)
-        kv = self.client.get(key)
+        kv = self.client.get(key, retry_for=retry_for)
         if kv is None:
             return
         rec = Term.decode(kv.value)
         if rec.end is not None:
             return
-        self.client.put(key, rec.ended(time.time(), reason).encode(), guard=(self._leader_key, token) if guarded else None)
+        if self.client.put(key, rec.ended(time.time(), reason).encode(), unchanged_since=kv.mod_revision,
+                           retry_for=retry_for) is None:
+            log.info("%s: term %d's record changed meanwhile; left as its successor wrote it", self.service, token)
 
     def history(self, limit: int = 50) -> list[Term]:
         """The last ``limit`` terms, oldest first."""
