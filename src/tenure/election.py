@@ -82,6 +82,7 @@ class _Lease:
         self.id = lease.id
         self.ttl = lease.ttl
         self.margin = margin
+        self.renewed_ttl = float(lease.ttl)  # min(TTL etcd returned with the last renewal, ttl)
         self.renewed = t_sent  # monotonic time taken before the last request etcd answered
         self.leading = False  # set once this lease holds the leader key: then it reports to metrics
         self.on_expired: Callable[[str], None] = lambda reason: None
@@ -93,7 +94,7 @@ class _Lease:
 
     @property
     def deadline(self) -> float:
-        return self.renewed + self.ttl - self.margin
+        return self.renewed + self.renewed_ttl - self.margin
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,6 +135,10 @@ class _Lease:
             if failing:
                 log.info("%s/%s: lease keepalive recovered", *self._labels)
             failing = False
+            if left < self.ttl:
+                log.warning("%s/%s: etcd renewed the lease for %d s, less than its ttl of %d s; the deadline "
+                            "follows the shorter time", *self._labels, left, self.ttl)
+            self.renewed_ttl = float(min(left, self.ttl))
             self.renewed = max(self.renewed, t_sent)
             next_at = t_sent + interval
             try:
