@@ -13,7 +13,7 @@ import tenure
 from tenure.errors import ConfigError, Fenced
 from tenure.fencing import install_pg_fence, pg_fence
 
-from support import LocalPostgres
+from support import LocalPostgres, wait_for
 
 
 def test_pg_fence_orders_terms(postgres: LocalPostgres) -> None:
@@ -80,3 +80,37 @@ def test_term_metrics(client: tenure.Client, service: str) -> None:
     assert REGISTRY.get_sample_value("tenure_is_leader", labels) == 0
     assert REGISTRY.get_sample_value("tenure_fencing_token", labels) == 0
     election.close()
+
+
+def test_fenced_put_that_may_have_been_applied_is_indeterminate_not_fenced(service: str) -> None:
+    import threading
+
+    from tenure.errors import IndeterminateWrite
+    from tenure.fencing import etcd_put
+    from tenure.lab.etcd import LocalEtcd
+
+    cluster = LocalEtcd(size=3, proxied=True).start()
+    try:
+        other = tenure.connect(cluster.endpoints[1:])
+        writer = tenure.connect(cluster.endpoints[:2], timeout=1.5)
+        leadership = tenure.Election(other, service, member="a", ttl=2).campaign(10)
+        writer.get("warm-up")  # the writer's connection to member 0 is open
+        cluster.cut_clients(0, "down")  # requests arrive and are applied; answers are held
+        result: list[BaseException | int] = []
+
+        def write() -> None:
+            try:
+                result.append(etcd_put(writer, service, leadership.token, "data", "v1"))
+            except BaseException as e:
+                result.append(e)
+
+        t = threading.Thread(target=write)
+        t.start()
+        wait_for(lambda: other.get("data") is not None, 1.2, "the first attempt applied")
+        leadership.resign()  # the term ends before the retry
+        t.join(10)
+        assert len(result) == 1 and isinstance(result[0], IndeterminateWrite), result
+        other.close()
+        writer.close()
+    finally:
+        cluster.stop()

@@ -102,3 +102,19 @@ def test_watch_rereads_state_when_its_revision_was_compacted(etcd: LocalEtcd, se
     finally:
         w.cancel()
         client.close()
+
+
+def test_watch_survives_a_key_that_is_not_utf8(etcd: LocalEtcd, service: str) -> None:
+    client = tenure.connect(etcd.endpoints)
+    rec = Recorder()
+    w = client.watch(f"{service}/", prefix=True, on_snapshot=rec.on_snapshot, on_events=rec.on_events)
+    try:
+        wait_for(w.connected.is_set, 10, "watch connected")
+        subprocess.run([etcd_binary("etcdctl").encode(), b"--endpoints", ",".join(etcd.endpoints).encode(),
+                        b"put", f"/tenure/{service}/".encode() + b"\xff\xfe", b"x"], check=True, capture_output=True)
+        client.put(f"{service}/after", "1")
+        wait_for(lambda: f"{service}/after" in rec.put_keys(), 5, "the next event")
+        assert w._thread.is_alive() and w.connected.is_set()
+    finally:
+        w.cancel()
+        client.close()

@@ -1,7 +1,11 @@
 """The ``tenure`` command: status, history, sidecar, pg (write guard) and demo.
 
-Endpoints come from ``--endpoints`` or ``TENURE_ENDPOINTS`` (comma-separated
-``http://host:port``).
+Every command reaches etcd the same way as the sidecar: ``--endpoints``,
+``--ca-cert``, ``--cert``, ``--key``, ``--user`` and ``--password-file``, or
+the environment variables ``TENURE_ENDPOINTS``, ``TENURE_CA_CERT``,
+``TENURE_CERT``, ``TENURE_KEY``, ``TENURE_USER``, ``TENURE_PASSWORD_FILE``, or
+the ``[etcd]`` table of a sidecar config file (``--etcd-config`` /
+``TENURE_CONFIG``). Flags win over the environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -32,8 +36,61 @@ def _services(client: Any) -> list[str]:
     return sorted({parts[0] for kv in kvs if (parts := records.split_service_key(kv.key)) is not None})
 
 
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """The etcd connection flags every subcommand shares (see the module docstring)."""
+    p.add_argument("--endpoints", default=None,
+                   help=f"etcd client URLs, comma-separated (default: $TENURE_ENDPOINTS or {DEFAULT_ENDPOINTS})")
+    p.add_argument("--ca-cert", default=None, help="CA bundle for https:// endpoints ($TENURE_CA_CERT)")
+    p.add_argument("--cert", default=None, help="TLS client certificate ($TENURE_CERT)")
+    p.add_argument("--key", default=None, help="TLS client key ($TENURE_KEY)")
+    p.add_argument("--user", default=None, help="etcd user ($TENURE_USER)")
+    p.add_argument("--password-file", default=None, help="file holding the etcd password ($TENURE_PASSWORD_FILE)")
+    p.add_argument("--etcd-config", default=None,
+                   help="a sidecar config file whose [etcd] table to use ($TENURE_CONFIG)")
+
+
+def connection_settings(args: argparse.Namespace, env: Any = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`tenure.connect` from flags, then ``TENURE_*`` variables, then a config file."""
+    from .config import parse_etcd_section
+    from .errors import ConfigError
+
+    env = os.environ if env is None else env
+    out: dict[str, Any] = {}
+    path = getattr(args, "etcd_config", None) or env.get("TENURE_CONFIG")
+    if path:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        if "etcd" not in raw:
+            raise ConfigError(f"{path} has no [etcd] table")
+        etcd = parse_etcd_section(raw["etcd"])
+        out.update(endpoints=etcd.endpoints, namespace=etcd.namespace, timeout=etcd.timeout, ca_cert=etcd.ca_cert,
+                   cert=etcd.cert, key=etcd.key, user=etcd.user, password=etcd.password)
+    for name in ("endpoints", "ca_cert", "cert", "key", "user", "password_file"):
+        value = getattr(args, name, None) or env.get(f"TENURE_{name.upper()}")
+        if value:
+            out[name] = value
+    if "password_file" in out:
+        pf = out.pop("password_file")
+        try:
+            with open(pf) as f:
+                out["password"] = f.read().strip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"cannot read the password file {pf}: {e.strerror}") from None
+    out.setdefault("endpoints", DEFAULT_ENDPOINTS)
+    if getattr(args, "namespace", None):
+        out["namespace"] = args.namespace
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    client = connect(args.endpoints, namespace=args.namespace)
+    client = connect(**connection_settings(args))
     services = [args.service] if args.service else _services(client)
     report = []
     for name in services:
@@ -49,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     if not report:
-        print(f"no services under {args.namespace}")
+        print(f"no services under {client.namespace}")
     for r in report:
         lead = r["leader"]
         head = (f"leader {lead['member']} (token {lead['token']}, since {_when(lead['since'])})"
@@ -62,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    client = connect(args.endpoints, namespace=args.namespace)
+    client = connect(**connection_settings(args))
     terms = Election(client, args.service, member="tenure-cli").history(args.limit)
     if args.json:
         print(json.dumps([t.__dict__ for t in terms], indent=2))
@@ -111,9 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tenure", description="Leader election with fencing tokens over etcd.")
-    p.add_argument("--endpoints", default=os.environ.get("TENURE_ENDPOINTS", DEFAULT_ENDPOINTS),
-                   help="etcd client URLs, comma-separated (default: $TENURE_ENDPOINTS or %(default)s)")
-    p.add_argument("--namespace", default="/tenure")
+    add_connection_args(p)
+    p.add_argument("--namespace", default=None, help="key prefix (default: the config file's, or /tenure)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,7 +41,8 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 from . import metrics
-from .errors import CampaignTimeout, ConfigError, EtcdError, NotLeader
+from .errors import (AuthFailed, CampaignTimeout, ClientClosed, ConfigError, EtcdError, LeaseNotFound, NotLeader,
+                     PermissionDenied, UsedAfterFork)
 from .etcd import Client, Event, KeyValue
 from .fencing import etcd_put
 from . import records
@@ -80,6 +82,7 @@ class _Lease:
         self.id = lease.id
         self.ttl = lease.ttl
         self.margin = margin
+        self.renewed_ttl = float(lease.ttl)  # min(TTL etcd returned with the last renewal, ttl)
         self.renewed = t_sent  # monotonic time taken before the last request etcd answered
         self.leading = False  # set once this lease holds the leader key: then it reports to metrics
         self.on_expired: Callable[[str], None] = lambda reason: None
@@ -91,12 +94,19 @@ class _Lease:
 
     @property
     def deadline(self) -> float:
-        return self.renewed + self.ttl - self.margin
+        return self.renewed + self.renewed_ttl - self.margin
 
     def stop(self) -> None:
         self._stop.set()
 
     def _run(self) -> None:
+        try:
+            self._renew_until_stopped()
+        except Exception as e:  # never die silently: whoever waits on the lease must hear of it
+            log.exception("%s/%s: lease keepalive thread failed", *self._labels)
+            self._expire(f"lease keepalive thread failed: {type(e).__name__}: {e}")
+
+    def _renew_until_stopped(self) -> None:
         interval = self.ttl / 3
         next_at = self.renewed + interval
         failing = False
@@ -125,6 +135,10 @@ class _Lease:
             if failing:
                 log.info("%s/%s: lease keepalive recovered", *self._labels)
             failing = False
+            if left < self.ttl:
+                log.warning("%s/%s: etcd renewed the lease for %d s, less than its ttl of %d s; the deadline "
+                            "follows the shorter time", *self._labels, left, self.ttl)
+            self.renewed_ttl = float(min(left, self.ttl))
             self.renewed = max(self.renewed, t_sent)
             next_at = t_sent + interval
             try:
@@ -159,6 +173,10 @@ class Leadership:
         self._callbacks: list[Callable[["Leadership"], None]] = []
         self._renewed_callbacks: list[Callable[[float], None]] = []
         self._final_deadline: float | None = None
+        self._pid = os.getpid()  # a forked child has no keepalive behind this term
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
 
     @property
     def deadline(self) -> float:
@@ -171,11 +189,13 @@ class Leadership:
 
     def is_valid(self) -> bool:
         """True while this process may act as leader."""
-        return not self.lost.is_set() and time.monotonic() < self._lease.deadline
+        return not self.lost.is_set() and time.monotonic() < self._lease.deadline and not self._forked()
 
     def remaining(self) -> float:
         """Seconds left before the local deadline (0 once lost)."""
-        return 0.0 if self.lost.is_set() else max(0.0, self._lease.deadline - time.monotonic())
+        if self.lost.is_set() or self._forked():
+            return 0.0
+        return max(0.0, self._lease.deadline - time.monotonic())
 
     def on_renewed(self, callback: Callable[[float], None]) -> None:
         """Call ``callback(deadline)`` after each lease renewal etcd confirmed, on the keepalive thread.
@@ -203,7 +223,10 @@ class Leadership:
         _safe_call(callback, self)
 
     def check(self) -> None:
-        """Raise :class:`NotLeader` unless this leadership is valid."""
+        """Raise :class:`NotLeader` unless this leadership is valid (:class:`UsedAfterFork` in a forked child)."""
+        if self._forked():
+            raise UsedAfterFork(f"the leadership of {self.service} (term {self.token}) belongs to process "
+                                f"{self._pid}; this forked child does not lead")
         if not self.is_valid():
             raise NotLeader(f"{self.member} no longer leads {self.service} (term {self.token}): {self.reason or 'deadline passed'}")
 
@@ -219,14 +242,22 @@ class Leadership:
                         lease=self._lease.id if ephemeral else 0)
 
     def resign(self) -> None:
-        """Step down: stop acting as leader now, then release the leader key."""
+        """Step down: stop acting as leader now, then release the leader key (within ``ttl`` seconds)."""
+        if self._forked():
+            raise UsedAfterFork(f"resign() of {self.service} term {self.token} in a forked child: only process "
+                                f"{self._pid} can resign it")
         if not self._lose("resigned"):
             return
         client = self._election.client
+        end = time.monotonic() + self.ttl  # etcd ends the term by then anyway
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
         try:
-            self._election._end_term(self.token, "resigned", guarded=True)
-            client.delete(self._election._leader_key, guard=(self._election._leader_key, self.token))
-            client.revoke(self._lease.id, retry_for=self.ttl)
+            self._election._end_term(self.token, "resigned", retry_for=left())
+            client.delete(self._election._leader_key, guard=(self._election._leader_key, self.token), retry_for=left())
+            client.revoke(self._lease.id, retry_for=left())
         except EtcdError as e:
             log.warning("%s/%s: could not release the leader key (%s); it expires with the lease",
                         self.service, self.member, e)
@@ -254,7 +285,7 @@ class Leadership:
 
         def run() -> None:
             with contextlib.suppress(EtcdError):
-                self._election._end_term(self.token, self.reason or "lost", guarded=False)
+                self._election._end_term(self.token, self.reason or "lost", retry_for=self.ttl)
             with contextlib.suppress(EtcdError):
                 self._election.client.revoke(self._lease.id, retry_for=self.ttl)
 
@@ -295,24 +326,44 @@ class Election:
         self._lock = threading.Condition()
         self._view: _LeaderView | None = None
         self._current: Leadership | None = None
+        self._pid = os.getpid()
 
     # -- campaigning ----------------------------------------------------------
 
     def campaign(self, timeout: float | None = None) -> Leadership:
         """Block until this member leads the service; raise CampaignTimeout after ``timeout`` s."""
+        if self._pid != os.getpid():
+            raise UsedAfterFork(f"election {self.service}/{self.member} was made in process {self._pid}: "
+                                f"make a new client and election in this forked child")
         give_up = None if timeout is None else time.monotonic() + timeout
         view = self._ensure_view()
-        lease = self._new_lease()
+        lease: _Lease | None = None
+        backoff = RETRY_AFTER_FAILURE
         try:
+            lease = self._new_lease()
             while True:
                 if lease.expired.is_set():
+                    lease.stop()
+                    lease = None
                     lease = self._renew_candidacy(give_up)
                 record = LeaderRecord(self.member, self.value, time.time()).encode()
                 try:
                     created, kv = self.client.create(self._leader_key, record, lease=lease.id)
+                except (PermissionDenied, AuthFailed, ClientClosed):
+                    raise  # no later attempt can succeed
+                except LeaseNotFound:
+                    log.warning("%s/%s: the candidacy lease is gone; taking a new one", self.service, self.member)
+                    lease.expired.set()
+                    continue
                 except EtcdError as e:
                     log.warning("%s/%s: campaign attempt failed: %s", self.service, self.member, e)
-                    created, kv = False, None
+                    now = time.monotonic()
+                    if give_up is not None and now >= give_up:
+                        raise CampaignTimeout(f"{self.member} did not win {self.service} within {timeout} s: {e}") from None
+                    time.sleep(backoff if give_up is None else max(0.0, min(backoff, give_up - now)))
+                    backoff = min(2 * backoff, self.ttl / 2)
+                    continue
+                backoff = RETRY_AFTER_FAILURE
                 if kv is not None and (created or kv.lease == lease.id):
                     leadership = self._begin(lease, kv.create_revision)
                     if leadership is not None:
@@ -326,9 +377,10 @@ class Election:
                 wait = self.ttl / 2 if give_up is None else min(self.ttl / 2, give_up - now)
                 view.wait_change(kv.create_revision if kv is not None else None, wait)
         except BaseException:
-            lease.stop()
-            with contextlib.suppress(EtcdError):
-                self.client.revoke(lease.id, retry_for=1.0)
+            if lease is not None:
+                lease.stop()
+                with contextlib.suppress(EtcdError):
+                    self.client.revoke(lease.id, retry_for=1.0)
             raise
 
     @contextlib.contextmanager
@@ -345,6 +397,8 @@ class Election:
         while True:
             try:
                 return self._new_lease()
+            except (PermissionDenied, AuthFailed, ClientClosed):
+                raise
             except EtcdError as e:
                 if give_up is not None and time.monotonic() >= give_up:
                     raise CampaignTimeout(f"{self.member} could not campaign for {self.service}: {e}") from None
@@ -354,7 +408,13 @@ class Election:
     def _new_lease(self) -> _Lease:
         lease = _Lease(self.client, self.ttl, self.margin, (self.service, self.member))
         record = CandidateRecord(self.member, self.value, time.time(), self.ttl).encode()
-        self.client.put(records.candidate_key(self.service, self.member), record, lease=lease.id)
+        try:
+            self.client.put(records.candidate_key(self.service, self.member), record, lease=lease.id)
+        except BaseException:
+            lease.stop()  # nothing a failed attempt allocates outlives it
+            with contextlib.suppress(EtcdError):
+                self.client.revoke(lease.id, retry_for=1.0)
+            raise
         return lease
 
     def _begin(self, lease: _Lease, token: int) -> Leadership | None:
@@ -413,15 +473,18 @@ class Election:
         except EtcdError as e:
             log.info("%s/%s: could not update the history: %s", self.service, self.member, e)
 
-    def _end_term(self, token: int, reason: str, *, guarded: bool) -> None:
+    def _end_term(self, token: int, reason: str, *, retry_for: float | None = None) -> None:
+        """Close term ``token``'s record, unless someone (its successor) has written it since it was read."""
         key = records.history_key(self.service, token)
-        kv = self.client.get(key)
+        kv = self.client.get(key, retry_for=retry_for)
         if kv is None:
             return
         rec = Term.decode(kv.value)
         if rec.end is not None:
             return
-        self.client.put(key, rec.ended(time.time(), reason).encode(), guard=(self._leader_key, token) if guarded else None)
+        if self.client.put(key, rec.ended(time.time(), reason).encode(), unchanged_since=kv.mod_revision,
+                           retry_for=retry_for) is None:
+            log.info("%s: term %d's record changed meanwhile; left as its successor wrote it", self.service, token)
 
     def history(self, limit: int = 50) -> list[Term]:
         """The last ``limit`` terms, oldest first."""

@@ -87,3 +87,39 @@ class PrimaryUnavailable(ReadOnly):
 
 class WaitTimeout(TenureError, TimeoutError):
     """A wait for a view or a primary ran out of time."""
+
+
+class ClientClosed(EtcdError):
+    """The :class:`tenure.Client` was closed (or its connections were) while a call was made or running."""
+
+
+class AuthFailed(EtcdError):
+    """etcd refused the credentials (unknown user, wrong password): retrying does not help."""
+
+
+class TLSFailed(EtcdUnavailable):
+    """The TLS handshake with etcd failed (unknown CA, bad or expired certificate): retrying does not help."""
+
+
+class PermissionDenied(EtcdError):
+    """etcd's auth refused the request: the user may not read or write that key."""
+
+
+class LeaseNotFound(EtcdError):
+    """The lease a request named no longer exists in etcd (it expired or was revoked)."""
+
+
+class IndeterminateWrite(EtcdError):
+    """A conditional write may or may not have been applied.
+
+    An attempt timed out after it was sent, and a later attempt found its
+    condition false, which is also what etcd answers when the first attempt
+    had succeeded. Read the key back before acting on either outcome.
+    """
+
+
+class UsedAfterFork(TenureError):
+    """A leadership, election or client made in a parent process was used in a forked child.
+
+    The child has no keepalive, watch or connection behind it: make new ones there.
+    """

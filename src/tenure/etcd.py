@@ -31,7 +31,8 @@ import grpc
 import tenacity
 from etcd3.etcdrpc import kv_pb2, rpc_pb2 as rpc, rpc_pb2_grpc as rpc_grpc
 
-from .errors import ConfigError, EtcdError, EtcdUnavailable
+from .errors import (AuthFailed, ClientClosed, ConfigError, EtcdError, EtcdUnavailable, IndeterminateWrite,
+                     LeaseNotFound, PermissionDenied, TLSFailed)
 
 log = logging.getLogger("tenure.etcd")
 
@@ -44,6 +45,21 @@ _RETRY_CODES = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+# Codes after which a request that was sent may have been applied all the same.
+_AMBIGUOUS_CODES = {
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+# Words in an UNAVAILABLE error's details that mean the TLS handshake failed: no other member will do better.
+_TLS_FAILURE_WORDS = ("ssl", "handshake", "certificate", "tls")
+
+# Sent with every watch, as clientv3.WithRequireLeader does: a member that has lost its raft leader
+# cancels the stream instead of answering from its own, possibly stale, store.
+_REQUIRE_LEADER = ("hasleader", "true")
 
 _CHANNEL_OPTIONS = [
     # A restarted member should be reachable again within a second, not after
@@ -116,6 +132,11 @@ def check_client_settings(endpoints: str | Sequence[str], *, namespace: str, tim
         raise ConfigError("etcd auth needs both user and password")
     if (cert is None) != (key is None):
         raise ConfigError("a TLS client certificate needs both cert and key")
+    if parsed[0].scheme == "http":
+        given = [name for name, v in (("ca_cert", ca_cert), ("cert", cert), ("key", key), ("user", user)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} given with http:// endpoints: use https:// endpoints "
+                              f"(credentials and certificates are never sent in clear)")
     return parsed
 
 
@@ -228,32 +249,54 @@ class Client:
         resp = stub.Authenticate(rpc.AuthenticateRequest(name=self._user, password=self._password), timeout=timeout)
         self._token = resp.token
 
+    def _login_again(self, retry_for: float | None = None) -> None:
+        """Drop the auth token and get a new one (a watch calls this when its token was refused)."""
+        self._token = None
+        if self._user is not None:
+            self._call("Authenticate", lambda ch, t: None, retry_for=retry_for)
+
     def _call(self, what: str, fn: Callable[[grpc.Channel, float], Any], *, timeout: float | None = None,
-              retry_for: float | None = None) -> Any:
-        """Run ``fn(channel, per_try_timeout)``, moving across endpoints until the budget runs out."""
+              retry_for: float | None = None, ambiguous: list[grpc.StatusCode] | None = None) -> Any:
+        """Run ``fn(channel, per_try_timeout)``, moving across endpoints until the budget runs out.
+
+        Codes of failed attempts that may have been applied are appended to ``ambiguous``.
+        """
         if self._closed:
-            raise EtcdError("client is closed")
+            raise ClientClosed("client is closed")
         per_try = self.timeout if timeout is None else timeout
         budget = self.retry_for if retry_for is None else retry_for
         last: list[grpc.RpcError] = []
 
         def attempt() -> Any:
             index = self._current
+            url = self.endpoints[index].url
+            authenticating = False
             try:
                 if self._user is not None and self._token is None:
+                    authenticating = True
                     self._authenticate(index, per_try)
+                    authenticating = False
                 return fn(self._channel(index), per_try)
             except grpc.RpcError as e:
                 code = e.code()
                 last[:] = [e]
-                if code == grpc.StatusCode.UNAUTHENTICATED and self._user is not None:
+                details = e.details() or ""
+                if code == grpc.StatusCode.UNAUTHENTICATED and self._user is not None and not authenticating:
                     self._token = None  # expired token: log in again on the next try
                     raise _Retry() from e
+                if code == grpc.StatusCode.UNAVAILABLE and self._creds is not None \
+                        and any(w in details.lower() for w in _TLS_FAILURE_WORDS):
+                    raise TLSFailed(f"TLS with etcd at {url} failed: {details}") from None
                 if code in _RETRY_CODES:
+                    if ambiguous is not None and code in _AMBIGUOUS_CODES and not authenticating:
+                        ambiguous.append(code)
                     self._rotate(index)
                     raise _Retry() from e
-                raise EtcdError(f"etcd at {self.endpoints[index].url} refused {what}: "
-                                f"{code.name}: {e.details()}") from None
+                raise _refusal(url, what, code, details, authenticating) from None
+            except ValueError as e:  # grpc: "Cannot invoke RPC on closed channel!"
+                if self._closed:
+                    raise ClientClosed(f"client closed during {what}") from None
+                raise EtcdError(f"etcd call {what} failed: {e}") from None
 
         try:
             for try_ in tenacity.Retrying(
@@ -273,14 +316,16 @@ class Client:
         raise AssertionError("unreachable")
 
     def _unary(self, stub_cls: type, method: str, request: Any, **kw: Any) -> Any:
+        # Reads are linearizable (RangeRequest.serializable stays False): decisions depend on them.
         return self._call(method, lambda ch, t: getattr(stub_cls(ch), method)(
             request, timeout=t, metadata=self._metadata()), **kw)
 
-    def _range(self, k: bytes, range_end: bytes | None = None) -> tuple[list[KeyValue], int]:
+    def _range(self, k: bytes, range_end: bytes | None = None, *,
+               retry_for: float | None = None) -> tuple[list[KeyValue], int]:
         req = rpc.RangeRequest(key=k, sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY)
         if range_end is not None:
             req.range_end = range_end
-        resp = self._unary(rpc_grpc.KVStub, "Range", req)
+        resp = self._unary(rpc_grpc.KVStub, "Range", req, retry_for=retry_for)
         return [self._kv(kv) for kv in resp.kvs], resp.header.revision
 
     def _k(self, key: str) -> bytes:
@@ -288,7 +333,8 @@ class Client:
 
     def _kv(self, kv: kv_pb2.KeyValue) -> KeyValue:
         return KeyValue(
-            key=kv.key[len(self._prefix):].decode(),
+            # A key that is not UTF-8 decodes to one no valid key equals, and back to the same bytes.
+            key=kv.key[len(self._prefix):].decode("utf-8", "surrogateescape"),
             value=kv.value,
             create_revision=kv.create_revision,
             mod_revision=kv.mod_revision,
@@ -312,8 +358,9 @@ class Client:
 
     # -- keys ---------------------------------------------------------------
 
-    def get(self, key: str) -> KeyValue | None:
-        kvs, _ = self._range(self._k(key))
+    def get(self, key: str, *, retry_for: float | None = None) -> KeyValue | None:
+        """Read ``key`` (linearizable: a member cut off from its quorum cannot answer)."""
+        kvs, _ = self._range(self._k(key), retry_for=retry_for)
         return kvs[0] if kvs else None
 
     def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
@@ -322,22 +369,36 @@ class Client:
         return self._range(k, _prefix_end(k))
 
     def put(self, key: str, value: bytes | str, *, lease: int = 0,
-            guard: tuple[str, int] | None = None, retry_for: float | None = None) -> int | None:
+            guard: tuple[str, int] | None = None, unchanged_since: int | None = None,
+            retry_for: float | None = None) -> int | None:
         """Write ``key``; return the revision of the write.
 
         With ``guard=(other_key, create_revision)`` the write happens only if
         ``other_key`` currently has that create revision (0: does not exist),
-        atomically; otherwise nothing is written and None is returned.
-        ``retry_for`` overrides the client's retry budget for this call.
+        and with ``unchanged_since=mod_revision`` only if ``key`` was last
+        written at that revision, atomically; otherwise nothing is written
+        and None is returned. If an attempt timed out and a retry then found
+        the condition false, the first may have been applied:
+        :class:`IndeterminateWrite`. ``retry_for`` overrides the client's
+        retry budget for this call.
         """
         put = rpc.PutRequest(key=self._k(key), value=_b(value), lease=lease)
-        if guard is None:
+        if guard is None and unchanged_since is None:
             return self._unary(rpc_grpc.KVStub, "Put", put, retry_for=retry_for).header.revision
-        resp = self._unary(rpc_grpc.KVStub, "Txn", rpc.TxnRequest(
-            compare=[_create_is(self._k(guard[0]), guard[1])],
-            success=[rpc.RequestOp(request_put=put)],
-        ), retry_for=retry_for)
-        return resp.header.revision if resp.succeeded else None
+        compare = [] if guard is None else [_create_is(self._k(guard[0]), guard[1])]
+        if unchanged_since is not None:
+            compare.append(rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=self._k(key),
+                                       mod_revision=unchanged_since))
+        ambiguous: list[grpc.StatusCode] = []
+        resp = self._unary(rpc_grpc.KVStub, "Txn", rpc.TxnRequest(compare=compare, success=[rpc.RequestOp(request_put=put)]),
+                           retry_for=retry_for, ambiguous=ambiguous)
+        if resp.succeeded:
+            return resp.header.revision
+        if ambiguous:
+            raise IndeterminateWrite(
+                f"conditional write of {key!r}: an attempt ended with {ambiguous[0].name} after it was sent, and a "
+                f"retry found the condition false; the first attempt may have been applied")
+        return None
 
     def create(self, key: str, value: bytes | str, *, lease: int = 0) -> tuple[bool, KeyValue | None]:
         """Create ``key`` only if it does not exist.
@@ -355,15 +416,15 @@ class Client:
         kvs = resp.responses[-1].response_range.kvs
         return bool(resp.succeeded), (self._kv(kvs[0]) if kvs else None)
 
-    def delete(self, key: str, *, guard: tuple[str, int] | None = None) -> bool:
+    def delete(self, key: str, *, guard: tuple[str, int] | None = None, retry_for: float | None = None) -> bool:
         """Delete ``key``; with ``guard`` as in :meth:`put`. True if a key was deleted."""
         req = rpc.DeleteRangeRequest(key=self._k(key))
         if guard is None:
-            return self._unary(rpc_grpc.KVStub, "DeleteRange", req).deleted > 0
+            return self._unary(rpc_grpc.KVStub, "DeleteRange", req, retry_for=retry_for).deleted > 0
         resp = self._unary(rpc_grpc.KVStub, "Txn", rpc.TxnRequest(
             compare=[_create_is(self._k(guard[0]), guard[1])],
             success=[rpc.RequestOp(request_delete_range=req)],
-        ))
+        ), retry_for=retry_for)
         return bool(resp.succeeded) and resp.responses[0].response_delete_range.deleted > 0
 
     def delete_prefix(self, prefix: str) -> int:
@@ -396,9 +457,8 @@ class Client:
         """Revoke a lease, deleting every key attached to it. A lease already gone is fine."""
         try:
             self._unary(rpc_grpc.LeaseStub, "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id), retry_for=retry_for)
-        except EtcdError as e:
-            if "not found" not in str(e):
-                raise
+        except LeaseNotFound:
+            pass
 
     # -- watches ------------------------------------------------------------
 
@@ -438,10 +498,17 @@ class Client:
 
 
 class Watch:
-    """A watch that survives stream errors; see :meth:`Client.watch`."""
+    """A watch that survives stream errors; see :meth:`Client.watch`.
 
-    PROGRESS_EVERY = 1.0  # seconds between progress requests
-    STALL_AFTER = 3.0  # no answer at all for this long: the stream is dead
+    ``last_contact`` is the ``time.monotonic()`` of the last sign that the
+    member it streams from is part of a working cluster: a linearizable read,
+    or an event (events are committed by a quorum). A progress answer is not
+    such a sign, since a member cut off from its quorum answers those from its
+    own store. ``connected`` is set while a stream is open.
+    """
+
+    PROGRESS_EVERY = 1.0  # seconds between progress requests and quorum checks
+    STALL_AFTER = 3.0  # no sign of a quorum for this long: drop the stream, try another member
 
     def __init__(self, client: Client, key: str, prefix: bool,
                  on_snapshot: Callable[[list[KeyValue], int], None],
@@ -455,8 +522,9 @@ class Watch:
         self._call: Any = None
         self._thread = threading.Thread(target=self._run, name=f"tenure-watch:{key}", daemon=True)
         self._next_rev: int | None = None  # None: (re-)read the state first
-        self.last_contact: float = 0.0  # time.monotonic() of the last answer from etcd
+        self.last_contact: float = 0.0
         self.connected = threading.Event()
+        self.failures = 0  # unexpected errors caught on the watch thread (each one logged)
 
     def start(self) -> None:
         self._thread.start()
@@ -486,12 +554,36 @@ class Watch:
             except _Compacted:
                 log.info("watch %s: revision %s was compacted; re-reading state", self._key, self._next_rev)
                 self._next_rev = None
+            except _AuthRefused as e:
+                self.connected.clear()
+                if self._stop.is_set():
+                    break
+                log.warning("watch %s: %s; logging in again", self._key, e)
+                try:
+                    self._client._login_again()
+                except EtcdError as le:
+                    log.error("watch %s: cannot log in again: %s", self._key, le)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except ClientClosed:
+                break
             except (grpc.RpcError, EtcdError, _Stalled) as e:
                 self.connected.clear()
                 if self._stop.is_set():
                     break
                 log.warning("watch %s: stream lost (%s); resuming from revision %s",
                             self._key, _describe(e), self._next_rev)
+                self._client._rotate(index)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except Exception:
+                # Anything else (a closed channel, a bug): say so, show the view as not live, start afresh.
+                self.connected.clear()
+                self.failures += 1
+                if self._stop.is_set():
+                    break
+                log.exception("watch %s: unexpected error; re-reading state", self._key)
+                self._next_rev = None
                 self._client._rotate(index)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -503,6 +595,19 @@ class Watch:
         except Exception:
             log.exception("watch %s: callback failed", self._key)
 
+    def _quorum_check(self, channel: grpc.Channel, k: bytes) -> None:
+        """One linearizable read through this stream's member: it answers only while it has a quorum."""
+        t_sent = time.monotonic()
+        try:
+            rpc_grpc.KVStub(channel).Range(rpc.RangeRequest(key=k, count_only=True),
+                                           timeout=self.PROGRESS_EVERY, metadata=self._client._metadata())
+        except grpc.RpcError as e:
+            log.debug("watch %s: quorum check failed: %s", self._key, _describe(e))
+            return
+        except ValueError:  # the channel was closed under us
+            return
+        self.last_contact = max(self.last_contact, t_sent)
+
     def _stream(self, index: int, start: int) -> None:
         client = self._client
         k = client._k(self._key)
@@ -511,10 +616,12 @@ class Watch:
             create.range_end = _prefix_end(k)
         stop = self._stop
         stalled = threading.Event()
+        channel = client._channel(index)
 
         def requests() -> Iterator[rpc.WatchRequest]:
             yield rpc.WatchRequest(create_request=create)
             while not stop.wait(self.PROGRESS_EVERY):
+                self._quorum_check(channel, k)
                 if time.monotonic() - max(self.last_contact, opened) > self.STALL_AFTER:
                     stalled.set()
                     call = self._call
@@ -523,35 +630,53 @@ class Watch:
                     return
                 yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 
-        opened = time.monotonic()  # last_contact stays a time etcd answered; this bounds the stall check
-        call = rpc_grpc.WatchStub(client._channel(index)).Watch(requests(), metadata=client._metadata())
+        opened = time.monotonic()  # bounds the stall check on a new stream
+        metadata = (*(client._metadata() or ()), _REQUIRE_LEADER)
+        call = rpc_grpc.WatchStub(channel).Watch(requests(), metadata=metadata)
         self._call = call
         if stop.is_set():
             call.cancel()
         try:
             for resp in call:
-                self.last_contact = time.monotonic()
                 self.connected.set()
                 if resp.compact_revision:
                     raise _Compacted()
                 if resp.canceled:
-                    raise EtcdError(f"watch cancelled by etcd: {resp.cancel_reason or 'no reason given'}")
+                    reason = resp.cancel_reason or "no reason given"
+                    if client._user is not None and ("permission denied" in reason or "auth" in reason):
+                        raise _AuthRefused(f"etcd refused the watch: {reason}")
+                    raise EtcdError(f"watch cancelled by etcd: {reason}")
                 if resp.events:
+                    self.last_contact = time.monotonic()
                     events = [Event("put" if ev.type == kv_pb2.Event.PUT else "delete", client._kv(ev.kv))
                               for ev in resp.events]
                     self._next_rev = resp.events[-1].kv.mod_revision + 1
                     self._deliver(self._on_events, events)
         except grpc.RpcError as e:
             if stalled.is_set():
-                raise _Stalled(f"no answer for {self.STALL_AFTER:g}s") from None
+                raise _Stalled(f"no sign of a quorum for {self.STALL_AFTER:g}s") from None
             if stop.is_set():
                 return
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and client._user is not None:
+                raise _AuthRefused(f"etcd refused the watch's token: {e.details()}") from None
             raise EtcdUnavailable(f"{e.code().name}: {e.details()}") from None
         finally:
             self._call = None
         if stop.is_set():
             return
         raise EtcdUnavailable("watch stream closed by the server")
+
+
+def _refusal(url: str, what: str, code: grpc.StatusCode, details: str, authenticating: bool) -> EtcdError:
+    """The named error for an answer no other endpoint would change."""
+    text = f"etcd at {url} refused {what}: {code.name}: {details}"
+    if authenticating or "authentication failed" in details:
+        return AuthFailed(f"etcd at {url} refused the credentials: {code.name}: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+        return PermissionDenied(text)
+    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+        return LeaseNotFound(text)
+    return EtcdError(text)
 
 
 class _Retry(Exception):
@@ -563,6 +688,10 @@ class _Compacted(Exception):
 
 
 class _Stalled(Exception):
+    pass
+
+
+class _AuthRefused(Exception):
     pass
 
 
