@@ -247,7 +247,9 @@ class PostgresNode:
             autocommit=True,
             # libpq counts whole seconds and treats anything under 2 as 2.
             connect_timeout=max(2, math.ceil(self.connect_timeout)),
-            options=f"-c statement_timeout={int(statement_timeout * 1000)}",
+            # synchronous_commit=local: what the sidecar commits for itself (the write guard, its
+            # settings) must not wait for a synchronous standby that may be gone.
+            options=f"-c statement_timeout={int(statement_timeout * 1000)} -c synchronous_commit=local",
         )
 
     @contextmanager
@@ -733,6 +735,8 @@ class PostgresNode:
         if isinstance(names, str) or not isinstance(names, (list, tuple)):
             raise ConfigError(f"names must be a list of standby names, got {names!r}")
         for n in names:
+            if n == "*" and len(names) == 1:
+                continue  # any standby
             if not isinstance(n, str) or not _NAME_RE.match(n):
                 raise ConfigError(f"a standby name is a plain identifier, got {n!r}")
         if len(set(names)) != len(names):
@@ -756,6 +760,11 @@ class PostgresNode:
                                  f"wanted {value!r}, server has {rows[0][0] if rows else None!r}")
             time.sleep(0.02)
 
+    def configured_synchronous_standbys(self) -> list[str]:
+        """The standby names ``synchronous_standby_names`` lists now on this server (``[]`` when empty)."""
+        rows = self._sql("reading synchronous_standby_names", "SHOW synchronous_standby_names")
+        return parse_standby_names(str(rows[0][0]) if rows else "")
+
     def synchronous_standbys(self) -> list[str]:
         """Names of the standbys this primary now waits for (sync_state ``sync`` or ``quorum``), sorted."""
         rows = self._sql("reading pg_stat_replication",
@@ -769,6 +778,15 @@ class PostgresNode:
                          "SELECT application_name, state, sync_state, replay_lsn::text"
                          " FROM pg_stat_replication ORDER BY application_name")
         return [Replica(r[0], r[1], r[2], _lsn(r[3])) for r in rows]
+
+
+def parse_standby_names(value: str) -> list[str]:
+    """The names in a ``synchronous_standby_names`` value (``FIRST 1 (a, b)``, ``ANY 1 (a)``, ``a, b``)."""
+    text = value.strip()
+    m = re.match(r"^(?:(?:FIRST|ANY)\s+)?\d*\s*\((.*)\)\s*$", text, re.IGNORECASE)
+    if m:
+        text = m.group(1)
+    return [n.strip().strip('"') for n in text.split(",") if n.strip()]
 
 
 def _reset_read_only(conn: psycopg.Connection[Any]) -> None:

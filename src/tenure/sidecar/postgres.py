@@ -115,6 +115,7 @@ class PostgresPolicy:
     # -- leading --------------------------------------------------------------
 
     def promote(self, host: Host, leadership: "Leadership", st: NodeState) -> None:
+        self._begin_term(host)
         if st.role == "standby":
             self.node.promote()
             host.note("promoted", token=leadership.token)
@@ -124,6 +125,30 @@ class PostgresPolicy:
             with self.node.connect() as conn:
                 pg_guard.install_guard(conn, tables=self.pg.guard_tables or None, schema=self.pg.guard_schema)
         self._renew_guard(leadership)
+
+    def _begin_term(self, host: Host) -> None:
+        """Derive the term's state afresh from the server and etcd; nothing is kept from an earlier term.
+
+        In synchronous mode the server names a synchronous standby *before* it can accept a
+        write (``synchronous_standby_names`` can be set on a standby): a rejoin strips the
+        setting, and a primary without it would acknowledge commits no standby holds. The
+        published list starts empty; :meth:`_manage_sync` lists a standby only once it has
+        replayed past the start of the term.
+        """
+        self.sync_names = []
+        self._guard_renewed = 0.0
+        self._sync_switch_lsn = wal_position(self.node.status())
+        self._sync_configured = None
+        if not self.pg.synchronous:
+            return
+        configured = [n for n in self.node.configured_synchronous_standbys() if n != self.member]
+        if not configured:
+            others = sorted(m for m in host.members() if m != self.member)
+            # No other member known: any standby may acknowledge until one is chosen by name.
+            configured = others[:1] or ["*"]
+            self.node.set_synchronous_standbys(configured, 1)
+            host.note("synchronous standby", names=configured, from_lsn=self._sync_switch_lsn)
+        self._sync_configured = configured
 
     def lead(self, host: Host, leadership: "Leadership", st: NodeState) -> None:
         if time.monotonic() - self._guard_renewed >= self.ttl / 8:
@@ -178,6 +203,8 @@ class PostgresPolicy:
                            and (r.replay_lsn or 0) >= self._sync_switch_lsn]
 
     def demote(self) -> None:
+        self.sync_names = []
+        self._sync_configured = None
         self.refuse_writes()
         try:
             self.node.demote()

@@ -1,0 +1,82 @@
+"""PostgreSQL failover safety on real servers and real etcd: per-term state, clean stops, stale primaries."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import psycopg
+import pytest
+
+from tenure.lab.cluster import FailoverCluster
+from tenure.lab.etcd import LocalEtcd
+
+from pgfailover import Writer
+from support import wait_for
+
+TTL = 2
+
+
+@pytest.fixture
+def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
+    c = FailoverCluster(etcd, service, **getattr(request, "param", {}))
+    yield c
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(c.logs())
+    c.stop()
+
+
+def member_record(cluster: FailoverCluster, member: str) -> dict[str, Any]:
+    kv = cluster.client.get(f"svc/{cluster.service}/members/{member}")
+    return kv.json() if kv is not None else {}
+
+
+def show(dsn: str, setting: str) -> str:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+        return str(conn.execute(f"SHOW {setting}").fetchone()[0])
+
+
+@pytest.mark.parametrize("cluster", [{"postgres": {"synchronous": True}}], indirect=True)
+def test_second_term_in_the_same_process_names_a_synchronous_standby(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    assert first["member"] == "n1"
+    n1, n2, n3 = (cluster.sidecar(m) for m in ("n1", "n2", "n3"))
+    wait_for(lambda: member_record(cluster, "n1").get("sync") == ["n2"] or
+             member_record(cluster, "n1").get("sync") == ["n3"], 20, "n1 to list a synchronous standby")
+    # Freeze n1's sidecar past the ttl: a listed standby takes over; n1 thaws and rejoins.
+    n1.signal(signal.SIGSTOP)
+    try:
+        second = cluster.wait_primary(2 * TTL + 10, not_member="n1")
+    finally:
+        n1.signal(signal.SIGCONT)
+    mid = cluster.sidecar(second["member"])
+    other = next(s for s in (n2, n3) if s is not mid)
+    wait_for(lambda: n1.node.status().streaming, 60, "n1 rejoined as a standby")
+    other.kill_with_postgres()
+    wait_for(lambda: member_record(cluster, mid.node.name).get("sync") == ["n1"], 30,
+             "n1 listed as the synchronous standby")
+    mid.kill_with_postgres()
+    third = cluster.wait_primary(2 * TTL + 10, not_member=mid.node.name)
+    assert third["member"] == "n1"
+    names = show(n1.node.dsn, "synchronous_standby_names")
+    assert names.strip(), "a synchronous-mode primary must name a synchronous standby"
+    # Nobody is connected: a commit must wait, not be acknowledged.
+    done = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(n1.node.dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO items VALUES (1, 'lonely', 0)")
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert not done.wait(3), "a commit was acknowledged with no synchronous standby connected"
+    assert member_record(cluster, "n1").get("sync") == []
+    # A standby comes back: the commit is acknowledged once it is the named synchronous standby.
+    other.start()
+    assert done.wait(60), "the commit was not acknowledged once a standby was back"
+    wait_for(lambda: member_record(cluster, "n1").get("sync") == [other.node.name], 30,
+             f"{other.node.name} listed as synchronous standby")
+    assert other.node.name in show(n1.node.dsn, "synchronous_standby_names")
