@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any, Callable
 
 import psycopg
 
@@ -37,6 +38,54 @@ class Writer:
             self._stop.wait(self.interval)
         if conn is not None:
             conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+class FollowingWriter:
+    """Writes one row at a time to whichever member etcd publishes as primary; records each acknowledged id."""
+
+    def __init__(self, primary: Callable[[], dict[str, Any] | None], name: str, start_id: int = 1,
+                 interval: float = 0.005) -> None:
+        self.primary, self.name, self.next_id, self.interval = primary, name, start_id, interval
+        self.accepted: list[tuple[float, int, str]] = []  # (monotonic time, id, member)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, member = None, None
+        while not self._stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    p = self.primary()
+                    if p is None:
+                        self._stop.wait(0.005)
+                        continue
+                    member = p["member"]
+                    conn = psycopg.connect(p["dsn"], autocommit=True, connect_timeout=2)
+                    conn.execute("SET statement_timeout = 2000")
+                conn.execute("INSERT INTO items VALUES (%s, %s, %s)", (self.next_id, self.name, time.monotonic()))
+                self.accepted.append((time.monotonic(), self.next_id, member or ""))
+                self.next_id += 1
+            except psycopg.Error:
+                self.next_id += 1  # an id whose fate is unknown is never reused
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self._stop.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def gaps(self) -> list[float]:
+        """Seconds between the last acknowledged write on one primary and the first on the next."""
+        out = []
+        for (t0, _, m0), (t1, _, m1) in zip(self.accepted, self.accepted[1:]):
+            if m0 != m1:
+                out.append(t1 - t0)
+        return out
 
     def stop(self) -> None:
         self._stop.set()

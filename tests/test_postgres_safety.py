@@ -13,7 +13,7 @@ import pytest
 from tenure.lab.cluster import FailoverCluster
 from tenure.lab.etcd import LocalEtcd
 
-from pgfailover import Writer
+from pgfailover import FollowingWriter, Writer
 from support import wait_for
 
 TTL = 2
@@ -80,3 +80,35 @@ def test_second_term_in_the_same_process_names_a_synchronous_standby(cluster: Fa
     wait_for(lambda: member_record(cluster, "n1").get("sync") == [other.node.name], 30,
              f"{other.node.name} listed as synchronous standby")
     assert other.node.name in show(n1.node.dsn, "synchronous_standby_names")
+
+
+def test_clean_stop_of_the_primary_ten_times_loses_no_acknowledged_write(cluster: FailoverCluster) -> None:
+    cluster.wait_primary(30)
+    for s in cluster.sidecars:
+        wait_for(lambda: s.node.status().role in ("primary", "standby") and
+                 (s.node.status().role == "primary" or s.node.status().streaming), 30, f"{s.node.name} up")
+    writer = FollowingWriter(cluster.primary, "clean-stop")
+    try:
+        for _ in range(10):
+            p = cluster.wait_primary(30)
+            wait_for(lambda: any(m == p["member"] for _, _, m in writer.accepted[-5:]), 20,
+                     f"writes acknowledged by {p['member']}")
+            old = cluster.sidecar(p["member"])
+            old.signal(signal.SIGTERM)
+            assert old.proc is not None and old.proc.wait(30) == 0
+            cluster.wait_primary(30, not_member=p["member"])
+            old.start()
+            wait_for(lambda: old.node.status().streaming, 60, f"{p['member']} rejoined")
+        last = cluster.wait_primary(30)
+        wait_for(lambda: any(m == last["member"] for _, _, m in writer.accepted[-5:]), 20, "writes on the last primary")
+    finally:
+        writer.stop()
+    acked = [i for _, i, _ in writer.accepted]
+    with psycopg.connect(cluster.wait_primary(10)["dsn"], autocommit=True) as conn:
+        have = {r[0] for r in conn.execute("SELECT id FROM items WHERE writer = 'clean-stop'")}
+    lost = sorted(set(acked) - have)
+    gaps = sorted(writer.gaps())
+    print(f"clean stop x10: acknowledged rows lost: {len(lost)} of {len(acked)}; write gap median "
+          f"{gaps[len(gaps) // 2]:.2f} s, max {gaps[-1]:.2f} s ({len(gaps)} hand-overs)")
+    assert not lost, f"{len(lost)} acknowledged rows lost: {lost[:10]}"
+    assert len(gaps) >= 10

@@ -484,6 +484,19 @@ class PostgresNode:
             log.warning("%s: fast stop failed (%s); stopping immediately", self.name, e.detail)
             self.stop("immediate", timeout=10)
 
+    def checkpoint_location(self) -> int:
+        """Just past the start of the latest checkpoint record in the control file (``pg_controldata``).
+
+        After a clean stop that record (the shutdown checkpoint) is the last WAL the server wrote: a
+        standby that has received up to this position has everything the server acknowledged.
+        """
+        self._require_cluster()
+        res = self._run("pg_controldata", "-D", self.data_dir, timeout=10)
+        m = re.search(r"^Latest checkpoint location:\s*(\S+)", res.stdout, re.MULTILINE)
+        if res.returncode != 0 or not m:
+            raise self._fail("pg_controldata failed", (res.stderr or res.stdout).strip())
+        return parse_lsn(m.group(1)) + 1  # a standby holding the record has received past its start
+
     # -- role changes -------------------------------------------------------
 
     def promote(self, timeout: float = 10) -> None:

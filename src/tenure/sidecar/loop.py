@@ -15,8 +15,9 @@ and then does the one thing :func:`~tenure.sidecar.decide.decide` says:
 * elected: let the policy promote, then publish the primary's address under
   the primary key with the token, bound to the term's lease.
 
-SIGTERM makes a leader refuse writes, resign (the next standby is elected at
-once) and stop its server; a follower just withdraws.
+SIGTERM makes a leader refuse writes, stop its server, wait (bounded) until a
+standby has published the server's final position, and only then resign (the
+next standby is elected at once); a follower just withdraws.
 """
 
 from __future__ import annotations
@@ -128,13 +129,42 @@ class Sidecar:
     def _shutdown(self) -> None:
         leadership = self.leadership
         if leadership is not None and not leadership.lost.is_set():
-            self.note("shutdown: refusing writes and resigning")
-            self.policy.refuse_writes()
-            leadership.resign()
-            with contextlib.suppress(TenureError):
-                self.policy.stop()
+            self._hand_over(leadership)
         self.publisher.close()
         self.election.close()
+
+    def _hand_over(self, leadership: Leadership) -> None:
+        """A clean stop as leader: nothing acknowledged may be lost.
+
+        Writes are refused, the server stops (its final position is then fixed), and the
+        leadership is released only once a standby has published that position, or after a
+        bounded wait (then the standbys' own lag checks decide who may take over).
+        """
+        self.note("shutdown: refusing writes, stopping the server")
+        self.policy.refuse_writes()
+        with contextlib.suppress(TenureError):
+            self.policy.stop()
+        final = self.policy.final_position()
+        holder = self._wait_for_successor(final, time.monotonic() + max(2.0, float(self.ttl))) if final else None
+        if final and holder is None:
+            log.error("%s/%s: no standby reached the final position %s before the hand-over; releasing the "
+                      "leadership anyway: only a standby within its lag bound may take over", self.service,
+                      self.member, final)
+        self.note("shutdown: resigning", final_position=final, caught_up=holder)
+        leadership.resign()
+
+    def _wait_for_successor(self, final: int, deadline: float) -> str | None:
+        """The first member (other than this one) whose published position reaches ``final``, or None at ``deadline``."""
+        while True:
+            try:
+                for name, rec in sorted(read_members(self.client, self.service).items()):
+                    if name != self.member and rec.role != "down" and (rec.position or 0) >= final:
+                        return name
+            except EtcdError as e:
+                log.info("%s/%s: reading member records: %s", self.service, self.member, e)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     def _on_leader(self, info: LeaderInfo | None) -> None:
         self.leader = info

@@ -100,7 +100,10 @@ class ServicePolicy(Protocol):
         """Make the server a standby of ``primary`` if it is not one already."""
 
     def stop(self) -> None:
-        """Stop the server cleanly (on the sidecar's own shutdown as leader)."""
+        """Stop the server cleanly (on the sidecar's own shutdown as leader), writes already refused."""
+
+    def final_position(self) -> int | None:
+        """After :meth:`stop`: the position a successor must hold to have every acknowledged write."""
 
     def learn(self, records: Mapping[str, "MemberRecord"]) -> None:
         """See the other members' records (e.g. the primary's synchronous standbys)."""

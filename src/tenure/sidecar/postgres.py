@@ -212,7 +212,15 @@ class PostgresPolicy:
             log.error("demote failed: %s", e)
 
     def stop(self) -> None:
-        self.node.stop("fast")
+        # Read-only and every client ended first, then a fast stop: its shutdown checkpoint is the last WAL.
+        self.node.demote()
+
+    def final_position(self) -> int | None:
+        try:
+            return self.node.checkpoint_location()
+        except TenureError as e:
+            log.error("cannot read the final checkpoint location: %s", e)
+            return None
 
     # -- following ------------------------------------------------------------
 
