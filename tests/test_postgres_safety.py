@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import psycopg
 import pytest
 
+from tenure import records
 from tenure.lab.cluster import FailoverCluster
 from tenure.lab.etcd import LocalEtcd
 
@@ -112,3 +113,35 @@ def test_clean_stop_of_the_primary_ten_times_loses_no_acknowledged_write(cluster
           f"{gaps[len(gaps) // 2]:.2f} s, max {gaps[-1]:.2f} s ({len(gaps)} hand-overs)")
     assert not lost, f"{len(lost)} acknowledged rows lost: {lost[:10]}"
     assert len(gaps) >= 10
+
+
+@pytest.mark.parametrize("cluster", [{"per_node": {"n3": {"nofailover": True}}}], indirect=True)
+def test_stale_primary_is_not_promoted_over_a_later_terms_writes(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    assert first["member"] == "n1"
+    n1, n2 = cluster.sidecar("n1"), cluster.sidecar("n2")
+    wait_for(lambda: n2.http("/replica")[0] == 200, 20, "n2 streaming")
+    n1.signal(signal.SIGSTOP)
+    try:
+        second = cluster.wait_primary(2 * TTL + 10, not_member="n1")
+        assert second["member"] == "n2"
+        with psycopg.connect(second["dsn"], autocommit=True) as conn:
+            conn.execute("INSERT INTO items SELECT g, 'on-n2', 0 FROM generate_series(1, 100) g")
+        start = cluster.client.get(records.history_key(cluster.service, second["token"]))
+        n2.kill_with_postgres()
+    finally:
+        n1.signal(signal.SIGCONT)
+    # n1 comes back: an old primary on the old timeline. It must not lead over n2's writes.
+    wait_for(lambda: "stale" in str((n1.http("/status")[1] or {}).get("eligible")), 30, "n1 to judge itself stale")
+    t = time.monotonic()
+    while time.monotonic() < t + 3 * TTL:
+        p = cluster.primary()
+        assert p is None, f"promoted over a later term's writes: {p}"
+        time.sleep(0.1)
+    # n2 comes back and leads again: it holds its own term's start.
+    n2.start()
+    third = cluster.wait_primary(60)
+    assert third["member"] == "n2"
+    with psycopg.connect(third["dsn"], autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM items WHERE writer = 'on-n2'").fetchone()[0] == 100
+    assert start is not None and start.json()["timeline"] == 2 and start.json()["start_position"] > 0

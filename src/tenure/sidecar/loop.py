@@ -34,9 +34,9 @@ from ..election import Election, LeaderInfo, Leadership
 from ..errors import CampaignTimeout, EtcdError, MalformedRecord, TenureError
 from ..etcd import Client
 from ..members import MemberPublisher, read_members
-from ..records import MemberRecord, PrimaryRecord
+from ..records import MemberRecord, PrimaryRecord, Term
 from .config import SidecarConfig
-from .decide import Action, Observed, decide
+from .decide import Action, Observed, clears_fence, decide, newest_fence
 from .policy import NodeState, ServicePolicy
 
 log = logging.getLogger("tenure.sidecar")
@@ -64,7 +64,7 @@ class Sidecar:
         e = config.etcd
         self.client = client or connect(
             e.endpoints, namespace=e.namespace, timeout=e.timeout, ca_cert=e.ca_cert, cert=e.cert, key=e.key,
-            user=e.user, password=e.password, check=False)
+            user=e.user, password=e.password, check=False, retry_for=max(0.5, config.ttl / 4))
         self.election = Election(self.client, config.service, member=config.member, ttl=config.ttl,
                                  value={"dsn": self.address, "zone": config.zone})
         self.publisher = MemberPublisher(self.client, config.service, config.member, ttl=max(2, config.ttl))
@@ -84,6 +84,8 @@ class Sidecar:
         self._vacant_since: float | None = None
         self._wait_until = 0.0
         self._published_primary: int | None = None
+        # The newest fenced term start as last read: (term or None, why it could not be read, monotonic time).
+        self._fence: tuple[Term | None, str | None, float] = (None, "not read yet", 0.0)
         self._lock = threading.Lock()
         self.events: list[dict[str, Any]] = []  # recent decisions, for /status
 
@@ -251,6 +253,7 @@ class Sidecar:
 
     def _learn_from_primary(self) -> None:
         """Remember how far the primary got (and what else the policy wants of it), while it lives."""
+        self._fence = self._read_fence()
         try:
             members = read_members(self.client, self.service)
         except EtcdError:
@@ -285,13 +288,16 @@ class Sidecar:
             return False, "nofailover is set"
         if not st.healthy:
             return False, "local server is not healthy"
-        if st.role == "primary":
-            last = self._last_term_member()
-            if last is not None and last != cfg.member:
-                return False, f"stale primary: the last term was {last}'s"
-            return True, "current primary"
-        if st.role != "standby":
+        if st.role not in ("primary", "standby"):
             return False, f"role {st.role}"
+        fence, error, read_at = self._fence
+        if error is None and time.monotonic() - read_at > 2 * cfg.ttl:
+            error = "not read recently"
+        ok, why = clears_fence(st.timeline, st.position, fence, error)
+        if not ok:
+            return ok, why
+        if st.role == "primary":
+            return True, "current primary"
         ok, why = self.policy.eligible(st, self._primary_position)
         if not ok:
             return ok, why
@@ -299,12 +305,14 @@ class Sidecar:
             return False, "not streaming from the last primary recently"
         return True, why
 
-    def _last_term_member(self) -> str | None:
+    def _read_fence(self) -> tuple[Term | None, str | None, float]:
+        """The newest fenced term start from the history; any error is kept as the reason not to lead."""
+        now = time.monotonic()
         try:
-            terms = self.election.history(1)
-        except EtcdError:
-            return None
-        return terms[-1].member if terms else None
+            kvs, _ = self.client.get_prefix(records.history_prefix(self.service))
+            return newest_fence([Term.decode(kv.value) for kv in kvs]), None, now
+        except (EtcdError, MalformedRecord) as e:
+            return None, str(e), now
 
     def _rank(self, st: NodeState) -> int:
         """How many eligible members are better placed than this one."""
@@ -334,6 +342,12 @@ class Sidecar:
             self.note("no leader: will campaign", rank=rank, reason=why)
         if now < self._wait_until:
             return
+        self._fence = self._read_fence()  # fresh, right before the campaign: fail closed
+        ok, why = self._eligible(st)
+        if not ok:
+            self.note("not campaigning", reason=why)
+            self._vacant_since = None
+            return
         try:
             leadership = self.election.campaign(timeout=self.interval)
         except CampaignTimeout:
@@ -345,6 +359,17 @@ class Sidecar:
         self.note("elected", token=leadership.token, role=st.role)
         self.leadership = leadership
         leadership.on_lost(lambda _l: self._wake.set())
+        # The term's start, fenced by the leader key, before the server takes a write: a node may
+        # lead later only if it holds at least this much (see _eligible).
+        start = Term(leadership.token, self.member, time.time(), timeline=self.policy.term_timeline(st),
+                     start_position=st.position)
+        try:
+            leadership.put(records.history_key(self.service, leadership.token), start.encode())
+        except TenureError as e:
+            log.error("could not record the term's start (%s); resigning without taking over", e)
+            leadership.resign()
+            self.leadership = None
+            return
         try:
             self.policy.promote(self, leadership, st)
         except TenureError as e:

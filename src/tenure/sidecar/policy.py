@@ -81,6 +81,9 @@ class ServicePolicy(Protocol):
     def eligible(self, st: NodeState, primary_position: int) -> tuple[bool, str]:
         """The service's own promotion checks for a standby, beyond the loop's (lag, synchronous mode)."""
 
+    def term_timeline(self, st: NodeState) -> int | None:
+        """The timeline the server will write on once it leads a new term from state ``st``."""
+
     def record_fields(self, st: NodeState, leading: bool) -> dict[str, Any]:
         """Service-specific fields of this member's record."""
 

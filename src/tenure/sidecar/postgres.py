@@ -99,6 +99,12 @@ class PostgresPolicy:
             return False, "synchronous mode: not a synchronous standby"
         return True, "caught-up standby"
 
+    def term_timeline(self, st: NodeState) -> int | None:
+        if st.timeline is None:
+            return None
+        # pg_promote starts the next timeline (at least; it skips ids already in the WAL archive).
+        return st.timeline + 1 if st.role == "standby" else st.timeline
+
     def record_fields(self, st: NodeState, leading: bool) -> dict[str, Any]:
         fields = dict(st.details)
         if leading:
