@@ -14,7 +14,7 @@ from tenure import records
 from tenure.lab.cluster import FailoverCluster
 from tenure.lab.etcd import LocalEtcd
 
-from pgfailover import FollowingWriter, Writer
+from pgfailover import CuttableProxy, FollowingWriter, Writer
 from support import wait_for
 
 TTL = 2
@@ -145,3 +145,39 @@ def test_stale_primary_is_not_promoted_over_a_later_terms_writes(cluster: Failov
     with psycopg.connect(third["dsn"], autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM items WHERE writer = 'on-n2'").fetchone()[0] == 100
     assert start is not None and start.json()["timeline"] == 2 and start.json()["start_position"] > 0
+
+
+def test_primary_cut_off_from_etcd_refuses_writes_at_its_deadline(etcd: LocalEtcd, service: str) -> None:
+    from urllib.parse import urlsplit
+
+    proxies = [CuttableProxy((u.hostname or "127.0.0.1", u.port or 2379)) for u in map(urlsplit, etcd.endpoints)]
+    cluster = FailoverCluster(etcd, service, per_node={
+        "n1": {"etcd_endpoints": [f"http://127.0.0.1:{p.port}" for p in proxies]}})
+    try:
+        first = cluster.wait_primary(30)
+        assert first["member"] == "n1"
+        n1 = cluster.sidecar("n1")
+        writer = Writer(first["dsn"], "cut-off", 1, interval=0.005)
+        wait_for(lambda: len(writer.accepted) > 20, 10, "writes accepted")
+        for p in proxies:
+            p.cut.set()
+        time.sleep(0.05)  # a renewal already on its way when the link went is no longer answered
+        status = n1.http("/status")[1]
+        deadline = time.monotonic() + status["lease_remaining"]
+        wait_for(lambda: writer.refused and writer.refused[-1][0] > deadline, 2 * TTL + 5, "writes refused")
+        writer.stop()
+        late = [t - deadline for t, _ in writer.accepted if t > deadline]
+        refused_from = min(t for t, _ in writer.refused if t > deadline - 1) - deadline
+        print(f"cut off from etcd: last write accepted {max(t for t, _ in writer.accepted) - deadline:+.3f} s "
+              f"from the deadline, refused from {refused_from:+.3f} s")
+        assert not [d for d in late if d > 0.1], f"writes accepted more than 100 ms after the deadline: {late[:5]}"
+        assert refused_from <= 0.1
+        for p in proxies:
+            p.cut.clear()
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        for p in proxies:
+            p.close()

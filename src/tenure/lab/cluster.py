@@ -32,7 +32,10 @@ class SidecarProc:
     """``tenure sidecar`` for one node, in its own process."""
 
     def __init__(self, workdir: str, etcd: LocalEtcd, service: str, node: PostgresNode, **settings: Any) -> None:
+        """``settings``: top-level keys of the sidecar's TOML; ``postgres`` (a dict) adds to its [postgres]
+        section and ``etcd_endpoints`` replaces the endpoints (e.g. through a proxy the test can cut)."""
         self.node = node
+        endpoints = settings.pop("etcd_endpoints", None) or etcd.endpoints
         self.http_port = free_ports(1)[0]
         self.config_path = os.path.join(workdir, f"{node.name}.toml")
         self.log_path = os.path.join(workdir, f"{node.name}.log")
@@ -44,7 +47,7 @@ class SidecarProc:
                "listen": f"127.0.0.1:{self.http_port}", **settings}
         with open(self.config_path, "w") as f:
             f.write("".join(f"{k} = {_toml(v)}\n" for k, v in top.items()))
-            f.write(f"[etcd]\nendpoints = {_toml(etcd.endpoints)}\n[postgres]\n")
+            f.write(f"[etcd]\nendpoints = {_toml(endpoints)}\n[postgres]\n")
             f.write("".join(f"{k} = {_toml(v)}\n" for k, v in pg.items()))
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -182,7 +182,6 @@ class Sidecar:
         if (st.streaming and leader is not None and leader.member != self.member
                 and st.upstream == self._upstream_of(leader)):
             self._last_streaming = time.monotonic()
-        self.publisher.publish(self.record(st))
 
         leadership = self.leadership
         action = decide(Observed(
@@ -190,12 +189,16 @@ class Sidecar:
             leader_seen=self._leader_seen.is_set(), leader=leader.member if leader is not None else None,
             member=self.member, role=st.role,
             running=st.role != "down" or self.policy.is_running()))
+        # Acting on the end of a term comes before anything that talks to etcd.
+        if action is Action.STEP_DOWN:
+            assert leadership is not None
+            self._demote(f"leadership ended: {leadership.reason or 'deadline passed'}")
+            self.publisher.publish(self.record(self.status))
+            return
+        self.publisher.publish(self.record(st))
         if action is Action.LEAD:
             assert leadership is not None
             return self._lead(leadership, st)
-        if action is Action.STEP_DOWN:
-            assert leadership is not None
-            return self._demote(f"leadership ended: {leadership.reason or 'deadline passed'}")
         if action is Action.WAIT:
             return
         self._learn_from_primary()
@@ -358,7 +361,7 @@ class Sidecar:
     def _on_elected(self, leadership: Leadership, st: NodeState) -> None:
         self.note("elected", token=leadership.token, role=st.role)
         self.leadership = leadership
-        leadership.on_lost(lambda _l: self._wake.set())
+        leadership.on_lost(self._on_term_lost)
         # The term's start, fenced by the leader key, before the server takes a write: a node may
         # lead later only if it holds at least this much (see _eligible).
         start = Term(leadership.token, self.member, time.time(), timeline=self.policy.term_timeline(st),
@@ -378,6 +381,12 @@ class Sidecar:
             self._demote("promotion failed")
             return
         self._lead(leadership, self.policy.status())
+
+    def _on_term_lost(self, leadership: Leadership) -> None:
+        """At the local deadline (on the keepalive thread, no etcd call): refuse writes now, demote next tick."""
+        if leadership.reason != "resigned":
+            self.policy.refuse_writes()
+        self._wake.set()
 
     # -- reporting ------------------------------------------------------------
 
