@@ -252,6 +252,13 @@ class PostgresNode:
             options=f"-c statement_timeout={int(statement_timeout * 1000)} -c synchronous_commit=local",
         )
 
+    def open(self, *, statement_timeout: float = 5.0) -> psycopg.Connection[Any]:
+        """A new autocommit connection that the caller keeps and closes (ServiceError if it cannot connect)."""
+        try:
+            return self._open(statement_timeout)
+        except psycopg.Error as e:
+            raise self._fail("cannot connect", _message(e)) from e
+
     @contextmanager
     def connect(self, *, statement_timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
         """An autocommit psycopg connection to this node, closed on exit.

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Mapping
@@ -66,7 +67,14 @@ class PostgresPolicy:
         self.sync_names: list[str] = []  # synchronous standbys as last published by the primary
         self._sync_configured: list[str] | None = None
         self._sync_switch_lsn = 0  # primary WAL position when the synchronous standby last changed
-        self._guard_renewed = 0.0
+        # The write guard follows the lease: each confirmed renewal hands its absolute deadline to a
+        # renewer thread of its own (the keepalive must not wait on the database).
+        self._guard_lock = threading.Lock()
+        self._guard_token: int | None = None  # the term whose guard is armed; None once writes are refused
+        self._guard_deadline = 0.0
+        self._guard_wake = threading.Event()
+        self._guard_conn: Any = None
+        self._guard_thread: threading.Thread | None = None
         self._next_rejoin = 0.0
         self._last_streaming = 0.0
 
@@ -130,7 +138,7 @@ class PostgresPolicy:
         if self.pg.guard_tables or self.pg.guard_schema:
             with self.node.connect() as conn:
                 pg_guard.install_guard(conn, tables=self.pg.guard_tables or None, schema=self.pg.guard_schema)
-        self._renew_guard(leadership)
+        self._arm_guard(leadership)
 
     def _begin_term(self, host: Host) -> None:
         """Derive the term's state afresh from the server and etcd; nothing is kept from an earlier term.
@@ -142,7 +150,6 @@ class PostgresPolicy:
         replayed past the start of the term.
         """
         self.sync_names = []
-        self._guard_renewed = 0.0
         self._sync_switch_lsn = wal_position(self.node.status())
         self._sync_configured = None
         if not self.pg.synchronous:
@@ -157,28 +164,64 @@ class PostgresPolicy:
         self._sync_configured = configured
 
     def lead(self, host: Host, leadership: "Leadership", st: NodeState) -> None:
-        if time.monotonic() - self._guard_renewed >= self.ttl / 8:
-            self._renew_guard(leadership)
         if self.pg.synchronous:
             self._manage_sync(host)
 
-    def _renew_guard(self, leadership: "Leadership") -> None:
-        try:
-            with self.node.connect() as conn:
-                remaining = leadership.remaining()  # measured last: see renew_guard
-                if remaining <= 0:
-                    return
-                pg_guard.renew_guard(conn, leadership.token, remaining)
-            self._guard_renewed = time.monotonic()
-        except Exception as e:  # the guard expires on its own; keep trying
-            log.warning("could not renew the write guard: %s", e)
+    def _arm_guard(self, leadership: "Leadership") -> None:
+        """Renew the guard now, and from then on at each confirmed lease renewal, with its absolute deadline."""
+        token = leadership.token
+        with self._guard_lock:
+            self._guard_token, self._guard_deadline = token, leadership.deadline
+        leadership.on_renewed(lambda deadline: self._on_renewed(token, deadline))
+        if self._guard_thread is None:
+            self._guard_thread = threading.Thread(target=self._guard_renewer, name="tenure-pg-guard", daemon=True)
+            self._guard_thread.start()
+        self._renew_guard()
+
+    def _on_renewed(self, token: int, deadline: float) -> None:
+        # No lock: the keepalive thread never waits for a renewal in progress. A deadline set
+        # just after refuse_writes is harmless: the renewer checks the token under the lock.
+        if self._guard_token == token:
+            self._guard_deadline = deadline
+            self._guard_wake.set()
+
+    def _guard_renewer(self) -> None:
+        while True:
+            # Woken by each renewal; otherwise retry now and then after a failure.
+            self._guard_wake.wait(self.ttl / 4)
+            self._guard_wake.clear()
+            self._renew_guard()
+
+    def _renew_guard(self) -> None:
+        with self._guard_lock:
+            token, deadline = self._guard_token, self._guard_deadline
+            if token is None or deadline <= time.monotonic():
+                return
+            try:
+                if self._guard_conn is None or self._guard_conn.closed:
+                    self._guard_conn = self.node.open()
+                pg_guard.renew_guard(self._guard_conn, token, deadline=deadline)
+            except Exception as e:  # the guard expires on its own; the next renewal tries again
+                log.warning("could not renew the write guard: %s", e)
+                self._close_guard_conn()
+
+    def _close_guard_conn(self) -> None:
+        conn, self._guard_conn = self._guard_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def refuse_writes(self) -> None:
-        try:
-            with self.node.connect() as conn:
-                pg_guard.expire_guard(conn)
-        except Exception as e:
-            log.info("could not expire the write guard (the server may be down): %s", e)
+        with self._guard_lock:  # no renewal can land after the expiry
+            self._guard_token = None
+            try:
+                with self.node.connect() as conn:
+                    pg_guard.expire_guard(conn)
+            except Exception as e:
+                log.info("could not expire the write guard (the server may be down): %s", e)
+            self._close_guard_conn()
 
     def _manage_sync(self, host: Host) -> None:
         """Keep exactly one named synchronous standby, and publish it only once it holds every acknowledged commit.
