@@ -223,6 +223,7 @@ class PostgresNode:
         self.socket_dir = os.path.abspath(socket_dir) if socket_dir else None
         self.log_file = os.path.abspath(log_file) if log_file else self.data_dir.rstrip("/") + ".log"
         self.connect_timeout = float(connect_timeout)
+        self._probe_conn: psycopg.Connection[Any] | None = None  # status()'s own connection, kept
 
     def __repr__(self) -> str:
         return f"PostgresNode({self.name!r}, {self.data_dir!r}, port={self.port})"
@@ -359,12 +360,29 @@ class PostgresNode:
     # -- status -------------------------------------------------------------
 
     def status(self) -> NodeStatus:
-        """Ask the server what it is. Never raises for a server that does not answer: role ``"down"``."""
-        try:
-            with self._open(statement_timeout=max(2.0, self.connect_timeout)) as conn:
+        """Ask the server what it is. Never raises for a server that does not answer: role ``"down"``.
+
+        The probe keeps its connection between calls (and makes a new one once if it broke), so a
+        full connection table cannot blind it once it has connected.
+        """
+        row = None
+        for fresh in (False, True):
+            conn = self._probe_conn
+            try:
+                if conn is None or conn.closed or fresh:
+                    if conn is not None:
+                        conn.close()
+                    self._probe_conn = conn = None
+                    conn = self._open(statement_timeout=max(2.0, self.connect_timeout))
+                    self._probe_conn = conn
                 row = conn.execute(_STATUS_SQL).fetchone()
-        except psycopg.Error as e:
-            return NodeStatus(healthy=False, role="down", error=_message(e))
+                break
+            except psycopg.Error as e:
+                if conn is not None:
+                    conn.close()
+                self._probe_conn = None
+                if fresh:
+                    return NodeStatus(healthy=False, role="down", error=_message(e))
         assert row is not None
         (rec, read_only, cur_lsn, walfile, recv_lsn, replay_lsn,
          w_status, w_host, w_port, w_tli, ckpt_tli) = row

@@ -46,6 +46,8 @@ class SidecarConfig:
     priority: int = 0
     nofailover: bool = False
     grace: float = 0.5  # seconds a less caught-up standby waits per rank before it races
+    # A leader whose server fails its probes (but whose process runs) resigns only after this long.
+    unhealthy_window: float = 5.0
     listen: str = "127.0.0.1:8008"  # HTTP endpoints for haproxy and Prometheus; "" to disable
 
     @property
@@ -94,6 +96,8 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"ttl must be whole seconds between 1 and 3600, got {cfg.ttl}")
     if cfg.grace < 0:
         raise ConfigError(f"grace must be >= 0, got {cfg.grace}")
+    if not cfg.unhealthy_window > 0:
+        raise ConfigError(f"unhealthy_window must be > 0 seconds, got {cfg.unhealthy_window}")
     if cfg.listen:
         host, sep, port = cfg.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) < 65536:

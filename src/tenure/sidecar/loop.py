@@ -82,6 +82,7 @@ class Sidecar:
         self._primary_position = 0  # the newest primary position seen in the primary's member record
         self._members: dict[str, MemberRecord] = {}  # other members' records, as last read
         self._vacant_since: float | None = None
+        self._unhealthy_since: float | None = None  # monotonic time the leader's probes began failing
         self._wait_until = 0.0
         self._published_primary: int | None = None
         # The newest fenced term start as last read: (term or None, why it could not be read, monotonic time).
@@ -235,10 +236,21 @@ class Sidecar:
 
     def _lead(self, leadership: Leadership, st: NodeState) -> None:
         if not st.healthy:
-            self.note("local server unhealthy while leading: resigning")
-            leadership.resign()
-            self._demote("local server unhealthy")
+            # One failed probe is not a failure: resign on a definite fact (the server's process is
+            # gone) or once the probes have failed for the whole window.
+            now = time.monotonic()
+            if self._unhealthy_since is None:
+                self._unhealthy_since = now
+                self.note("local server not answering while leading", error=st.error)
+            gone = not self.policy.is_running()
+            if gone or now - self._unhealthy_since >= self.config.unhealthy_window:
+                why = "local server is not running" if gone else \
+                    f"local server failed its probes for {now - self._unhealthy_since:.1f} s"
+                self.note("resigning", why=why)
+                leadership.resign()
+                self._demote(why)
             return
+        self._unhealthy_since = None
         self.policy.lead(self, leadership, st)
         if self._published_primary != leadership.token:
             leadership.put(records.primary_key(self.service),
@@ -249,6 +261,7 @@ class Sidecar:
     def _demote(self, why: str) -> None:
         self.note("demoting", why=why)
         self.policy.demote()
+        self._unhealthy_since = None
         self.leadership = None
         self._published_primary = None
 

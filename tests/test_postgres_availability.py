@@ -1,0 +1,94 @@
+"""No self-inflicted failover: a full connection table or a starved server is not a failure (real PostgreSQL, etcd)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Iterator
+
+import psycopg
+import pytest
+
+from tenure.lab.cluster import FailoverCluster, postmaster_pid
+from tenure.lab.etcd import LocalEtcd
+
+from support import wait_for
+
+TTL = 2
+
+
+@pytest.fixture
+def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
+    c = FailoverCluster(etcd, service, **getattr(request, "param", {}))
+    yield c
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(c.logs())
+    c.stop()
+
+
+def assert_no_failover(cluster: FailoverCluster, first: dict, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        p = cluster.primary()
+        assert p is not None and p["token"] == first["token"], f"failed over: {p}"
+        time.sleep(0.1)
+
+
+def test_connection_table_full_is_not_a_failure(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    leader = cluster.sidecar(first["member"])
+    wait_for(lambda: leader.http("/primary")[0] == 200, 10, "/primary 200")
+    hogs = []
+    try:
+        while True:  # the application takes every connection slot, the reserved ones too
+            try:
+                hogs.append(psycopg.connect(first["dsn"], autocommit=True, connect_timeout=2))
+            except psycopg.OperationalError as e:
+                assert "too many clients" in str(e) or "reserved" in str(e), e
+                break
+            assert len(hogs) < 500
+        assert_no_failover(cluster, first, 7.0)  # longer than unhealthy_window (5 s)
+        assert leader.http("/primary")[0] == 200
+        hogs[0].execute("INSERT INTO items VALUES (1, 'hog', 0)")  # the guard stayed armed
+    finally:
+        for c in hogs:
+            c.close()
+
+
+def _server_pids(pid: int) -> list[int]:
+    out = [pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def test_starved_server_is_not_a_failure(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    leader = cluster.sidecar(first["member"])
+    wait_for(lambda: leader.http("/primary")[0] == 200, 10, "/primary 200")
+    pids = _server_pids(postmaster_pid(leader.node) or 0)
+    end = time.monotonic() + 4.0
+    try:
+        # The server gets 10 % of the CPU for 4 s: probes time out, the process is there.
+        while time.monotonic() < end:
+            for p in pids:
+                os.kill(p, signal.SIGSTOP)
+            time.sleep(0.18)
+            for p in pids:
+                os.kill(p, signal.SIGCONT)
+            time.sleep(0.02)
+            p = cluster.primary()
+            assert p is not None and p["token"] == first["token"], f"failed over: {p}"
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+    assert_no_failover(cluster, first, 2.0)
+    wait_for(lambda: leader.http("/primary")[0] == 200, 10, "/primary 200 again")
