@@ -18,6 +18,7 @@ class Writer:
         self.dsn, self.name, self.next_id, self.interval = dsn, name, start_id, interval
         self.accepted: list[tuple[float, int]] = []
         self.refused: list[tuple[float, str | None]] = []
+        self.errors: list[str] = []  # the messages of the refusals, in order
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -34,6 +35,7 @@ class Writer:
                 self.next_id += 1
             except psycopg.Error as e:
                 self.refused.append((time.monotonic(), getattr(e, "sqlstate", None)))
+                self.errors.append(str(e).strip())
                 if conn is not None and (conn.broken or conn.closed):
                     conn = None
             self._stop.wait(self.interval)

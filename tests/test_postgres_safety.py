@@ -68,7 +68,7 @@ def test_second_term_in_the_same_process_names_a_synchronous_standby(cluster: Fa
     done = threading.Event()
 
     def write() -> None:
-        with psycopg.connect(n1.node.dsn, autocommit=True) as conn:
+        with psycopg.connect(cluster.app_dsn("n1"), autocommit=True) as conn:
             conn.execute("INSERT INTO items VALUES (1, 'lonely', 0)")
         done.set()
 
@@ -181,3 +181,24 @@ def test_primary_cut_off_from_etcd_refuses_writes_at_its_deadline(etcd: LocalEtc
         cluster.stop()
         for p in proxies:
             p.close()
+
+
+@pytest.mark.parametrize("cluster", [{"databases": ("coverstore",),
+                                      "postgres": {"guard_databases": ["app", "coverstore"]}}], indirect=True)
+def test_every_guarded_database_refuses_writes_when_the_term_ends(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    n = next(node for node in cluster.pg.nodes if node.name == first["member"])
+    targets = ((cluster.app_dsn(n.name), "items"), (n.dsn_for("coverstore"), "covers"))
+    with psycopg.connect(n.dsn_for("coverstore"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE covers (id int)")  # a table created later in the guarded schema
+        conn.execute("INSERT INTO covers VALUES (0)")
+    leader = cluster.sidecar(n.name)
+    leader.signal(signal.SIGSTOP)  # a deposed primary, frozen: each database refuses writes by itself
+    try:
+        time.sleep(TTL + 0.5)
+        for dsn, table in targets:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                    conn.execute(f"INSERT INTO {table} (id) VALUES (1)")
+    finally:
+        leader.signal(signal.SIGCONT)

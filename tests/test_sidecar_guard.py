@@ -20,6 +20,14 @@ from pgfailover import Writer
 from support import PG_BIN, wait_for
 
 
+def renewed_token(dsn: str) -> int | None:
+    from tenure.services import pg_guard
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        st = pg_guard.guard_status(conn)
+    return st.get("token") if st.get("renewed_at") is not None else None
+
+
 class StallingPolicy(PostgresPolicy):
     """The PostgreSQL policy whose status probe hangs while ``stall`` is set (a slow moment of the loop)."""
 
@@ -41,11 +49,15 @@ def single() -> Iterator[LocalPostgresCluster]:
 def test_guard_is_renewed_while_the_loop_stalls(etcd: LocalEtcd, service: str, single: LocalPostgresCluster) -> None:
     node = single.nodes[0]
     with psycopg.connect(node.dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE app")
+    app = node.dsn_for("app")
+    with psycopg.connect(app, autocommit=True) as conn:
         conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, writer text, at float8)")
     cfg = parse_config({"service": service, "member": node.name, "ttl": 2, "listen": "",
                         "etcd": {"endpoints": etcd.endpoints},
                         "postgres": {"data_dir": node.data_dir, "port": node.port, "bin_dir": PG_BIN,
-                                     "socket_dir": node.socket_dir, "guard_schema": "public"}})
+                                     "socket_dir": node.socket_dir, "guard_schema": "public",
+                                     "advertise_dsn": app}})
     policy = StallingPolicy(cfg.member, cfg.postgres, ttl=cfg.ttl, node=node)
     sidecar = Sidecar(cfg, policy=policy)
     thread = threading.Thread(target=sidecar.run, daemon=True)
@@ -53,14 +65,16 @@ def test_guard_is_renewed_while_the_loop_stalls(etcd: LocalEtcd, service: str, s
     writer = None
     try:
         wait_for(lambda: sidecar.leadership is not None and sidecar.leadership.is_valid(), 20, "leading")
-        writer = Writer(node.dsn, "stall", 1)
-        wait_for(lambda: len(writer.accepted) > 10, 10, "writes accepted")
+        writer = Writer(app, "stall", 1)
+        wait_for(lambda: renewed_token(app) == sidecar.leadership.token, 10, "the guard armed for the term")
+        n = len(writer.accepted)
+        wait_for(lambda: len(writer.accepted) > n + 10, 10, "writes accepted")
         StallingPolicy.stall.set()
         t0 = time.monotonic()
         time.sleep(3 * cfg.ttl)  # the loop is stuck in its probe for three ttls
         StallingPolicy.stall.clear()
         refused = [t for t, _ in writer.refused if t > t0]
-        assert not refused, f"a healthy primary refused writes while its loop stalled: {writer.refused[-3:]}"
+        assert not refused, f"a healthy primary refused writes while its loop stalled: {writer.errors[-3:]}, {[round(t - t0, 2) for t in refused[:3]]}"
         assert sidecar.leadership is not None and sidecar.leadership.is_valid()
     finally:
         StallingPolicy.stall.clear()

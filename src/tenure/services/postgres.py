@@ -253,15 +253,20 @@ class PostgresNode:
             options=f"-c statement_timeout={int(statement_timeout * 1000)} -c synchronous_commit=local",
         )
 
-    def open(self, *, statement_timeout: float = 5.0) -> psycopg.Connection[Any]:
+    def dsn_for(self, dbname: str) -> str:
+        """This node's connection string for database ``dbname``."""
+        return make_conninfo(self.dsn, dbname=dbname)
+
+    def open(self, *, statement_timeout: float = 5.0, dbname: str | None = None) -> psycopg.Connection[Any]:
         """A new autocommit connection that the caller keeps and closes (ServiceError if it cannot connect)."""
         try:
-            return self._open(statement_timeout)
+            return self._open(statement_timeout, dsn=self.dsn_for(dbname) if dbname else None)
         except psycopg.Error as e:
             raise self._fail("cannot connect", _message(e)) from e
 
     @contextmanager
-    def connect(self, *, statement_timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
+    def connect(self, *, statement_timeout: float = 5.0,
+                dbname: str | None = None) -> Iterator[psycopg.Connection[Any]]:
         """An autocommit psycopg connection to this node, closed on exit.
 
         Each statement is bounded by ``statement_timeout`` seconds. Failing to
@@ -269,7 +274,7 @@ class PostgresNode:
         :class:`ServiceError` with the server's message.
         """
         try:
-            conn = self._open(statement_timeout)
+            conn = self._open(statement_timeout, dsn=self.dsn_for(dbname) if dbname else None)
         except psycopg.Error as e:
             raise self._fail("cannot connect", _message(e)) from e
         try:

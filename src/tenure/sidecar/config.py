@@ -33,6 +33,20 @@ class PostgresConfig:
     synchronous: bool = False
     guard_tables: list[str] = field(default_factory=list)
     guard_schema: str | None = None
+    # Databases whose tables the guard covers (each gets its own lease row, renewed together);
+    # default: the database of advertise_dsn (the application's), else dbname.
+    guard_databases: list[str] = field(default_factory=list)
+
+    @property
+    def app_database(self) -> str:
+        """The application's database: the one clients reach through ``advertise_dsn``."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        if self.advertise_dsn:
+            db = conninfo_to_dict(self.advertise_dsn).get("dbname")
+            if db:
+                return str(db)
+        return self.dbname
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,16 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"[postgres] data_dir {pg.data_dir!r} is not a PostgreSQL data directory (no PG_VERSION)")
     if pg.advertise_dsn is not None:
         _check_dsn(pg.advertise_dsn)
+    if not pg.guard_tables and not pg.guard_schema:
+        raise ConfigError("[postgres] sets neither guard_schema nor guard_tables: a deposed primary would keep "
+                          "taking writes (set guard_schema = \"public\" to guard every table of the schema)")
+    if any(not isinstance(d, str) or not d for d in pg.guard_databases):
+        raise ConfigError(f"[postgres] guard_databases must be database names, got {pg.guard_databases!r}")
+    if not pg.guard_databases:
+        pg = dataclasses.replace(pg, guard_databases=[pg.app_database])
+    elif pg.app_database not in pg.guard_databases:
+        raise ConfigError(f"[postgres] guard_databases {pg.guard_databases} leaves the application's database "
+                          f"{pg.app_database!r} (of advertise_dsn) unguarded")
     if not os.path.isfile(os.path.join(pg.bin_dir, "pg_ctl")):
         raise ConfigError(f"[postgres] bin_dir {pg.bin_dir!r} has no pg_ctl")
     cfg = build_section(SidecarConfig, "top level", {**top, "etcd": etcd, "postgres": pg})

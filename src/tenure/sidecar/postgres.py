@@ -73,7 +73,7 @@ class PostgresPolicy:
         self._guard_token: int | None = None  # the term whose guard is armed; None once writes are refused
         self._guard_deadline = 0.0
         self._guard_wake = threading.Event()
-        self._guard_conn: Any = None
+        self._guard_conns: dict[str, Any] = {}  # the renewer's own connection per guarded database
         self._guard_thread: threading.Thread | None = None
         self._next_rejoin = 0.0
         self._last_streaming = 0.0
@@ -135,8 +135,8 @@ class PostgresPolicy:
             host.note("promoted", token=leadership.token)
         else:
             self.node.allow_writes()  # a primary restarted after a demotion comes back read-only
-        if self.pg.guard_tables or self.pg.guard_schema:
-            with self.node.connect() as conn:
+        for db in self._guard_dbs():
+            with self.node.connect(dbname=db) as conn:
                 pg_guard.install_guard(conn, tables=self.pg.guard_tables or None, schema=self.pg.guard_schema)
         self._arm_guard(leadership)
 
@@ -192,21 +192,26 @@ class PostgresPolicy:
             self._guard_wake.clear()
             self._renew_guard()
 
+    def _guard_dbs(self) -> list[str]:
+        return list(self.pg.guard_databases) or [self.pg.app_database]
+
     def _renew_guard(self) -> None:
         with self._guard_lock:
             token, deadline = self._guard_token, self._guard_deadline
             if token is None or deadline <= time.monotonic():
                 return
-            try:
-                if self._guard_conn is None or self._guard_conn.closed:
-                    self._guard_conn = self.node.open()
-                pg_guard.renew_guard(self._guard_conn, token, deadline=deadline)
-            except Exception as e:  # the guard expires on its own; the next renewal tries again
-                log.warning("could not renew the write guard: %s", e)
-                self._close_guard_conn()
+            for db in self._guard_dbs():
+                try:
+                    conn = self._guard_conns.get(db)
+                    if conn is None or conn.closed:
+                        conn = self._guard_conns[db] = self.node.open(dbname=db)
+                    pg_guard.renew_guard(conn, token, deadline=deadline)
+                except Exception as e:  # the guard expires on its own; the next renewal tries again
+                    log.warning("could not renew the write guard in database %s: %s", db, e)
+                    self._close_guard_conn(db)
 
-    def _close_guard_conn(self) -> None:
-        conn, self._guard_conn = self._guard_conn, None
+    def _close_guard_conn(self, db: str) -> None:
+        conn = self._guard_conns.pop(db, None)
         if conn is not None:
             try:
                 conn.close()
@@ -216,12 +221,13 @@ class PostgresPolicy:
     def refuse_writes(self) -> None:
         with self._guard_lock:  # no renewal can land after the expiry
             self._guard_token = None
-            try:
-                with self.node.connect() as conn:
-                    pg_guard.expire_guard(conn)
-            except Exception as e:
-                log.info("could not expire the write guard (the server may be down): %s", e)
-            self._close_guard_conn()
+            for db in self._guard_dbs():
+                try:
+                    with self.node.connect(dbname=db) as conn:
+                        pg_guard.expire_guard(conn)
+                except Exception as e:
+                    log.info("could not expire the write guard in database %s (the server may be down): %s", db, e)
+                self._close_guard_conn(db)
 
     def _manage_sync(self, host: Host) -> None:
         """Keep exactly one named synchronous standby, and publish it only once it holds every acknowledged commit.
