@@ -202,3 +202,54 @@ def test_every_guarded_database_refuses_writes_when_the_term_ends(cluster: Failo
                     conn.execute(f"INSERT INTO {table} (id) VALUES (1)")
     finally:
         leader.signal(signal.SIGCONT)
+
+
+def test_no_password_leaves_the_node(etcd: LocalEtcd, service: str) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    secret = "s3cret-pw-7f"
+    d = tempfile.mkdtemp(prefix="tenure-passfile-")
+    os.chmod(d, 0o755)
+    passfile = os.path.join(d, "pgpass")
+    with open(passfile, "w") as f:
+        f.write(f"*:*:*:postgres:{secret}\n")
+    os.chmod(passfile, 0o600)
+    shutil.chown(passfile, "postgres", "postgres")  # the server binaries (pg_rewind) read it as postgres
+    cluster = FailoverCluster(etcd, service, postgres={"passfile": passfile})
+    try:
+        first = cluster.wait_primary(30)
+        # From now on every TCP connection needs the password.
+        with psycopg.connect(cluster.pg.nodes[0].dsn, autocommit=True) as conn:
+            conn.execute(f"ALTER ROLE postgres PASSWORD '{secret}'")
+        for n in cluster.pg.nodes:
+            with open(os.path.join(n.data_dir, "pg_hba.conf"), "w") as f:
+                f.write("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+                        "host replication all 127.0.0.1/32 scram-sha-256\n")
+            with psycopg.connect(n.dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_reload_conf()")
+        authed = lambda dsn: f"{dsn} passfile={passfile}"  # noqa: E731
+        cluster.sidecar(first["member"]).kill_with_postgres()
+        new = cluster.wait_primary(2 * TTL + 10, not_member=first["member"])
+        with psycopg.connect(authed(new["dsn"]), autocommit=True) as conn:
+            conn.execute("INSERT INTO items VALUES (1, 'pw', 0)")
+        old = cluster.sidecar(first["member"])
+        old.start()  # rejoins with pg_rewind, authenticating through the passfile
+        wait_for(lambda: old.http("/replica")[0] == 200, 60, "the old primary rejoined")
+        kvs, _ = cluster.client.get_prefix(f"svc/{service}/")
+        assert kvs and not [kv.key for kv in kvs if secret.encode() in kv.value or b"pgpass" in kv.value]
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    assert secret.encode() not in f.read(), f"password on the command line of {pid}"
+            except OSError:
+                pass
+        assert secret not in cluster.logs()
+        assert secret not in str(cluster.sidecar(new["member"]).http("/status")[1])
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        shutil.rmtree(d, ignore_errors=True)

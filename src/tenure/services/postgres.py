@@ -77,6 +77,18 @@ def format_lsn(pos: int) -> str:
     return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
 
 
+_SECRET_KEYS = ("password", "sslpassword", "passfile")
+
+
+def public_dsn(dsn: str) -> str:
+    """``dsn`` without its secrets (password, sslpassword) or the local passfile path: safe to publish or log."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<malformed connection string>"
+    return make_conninfo(**{k: str(v) for k, v in parts.items() if k not in _SECRET_KEYS})
+
+
 def _lsn(text: str | None) -> int | None:
     return None if text is None else parse_lsn(text)
 
@@ -182,6 +194,7 @@ class PostgresNode:
         socket_dir: str | None = None,
         log_file: str | None = None,
         connect_timeout: float = 2.0,
+        passfile: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(f"a node name is a plain identifier (letters, digits, _; at most 63), got {name!r}")
@@ -223,6 +236,7 @@ class PostgresNode:
         self.socket_dir = os.path.abspath(socket_dir) if socket_dir else None
         self.log_file = os.path.abspath(log_file) if log_file else self.data_dir.rstrip("/") + ".log"
         self.connect_timeout = float(connect_timeout)
+        self.passfile = os.path.abspath(passfile) if passfile else None
         self._probe_conn: psycopg.Connection[Any] | None = None  # status()'s own connection, kept
 
     def __repr__(self) -> str:
@@ -230,8 +244,13 @@ class PostgresNode:
 
     @property
     def dsn(self) -> str:
-        """libpq key=value connection string for this node."""
-        return make_conninfo(host=self.host, port=str(self.port), user=self.user, dbname=self.dbname)
+        """libpq key=value connection string for this node (with the passfile's path, never a password)."""
+        extra = {"passfile": self.passfile} if self.passfile else {}
+        return make_conninfo(host=self.host, port=str(self.port), user=self.user, dbname=self.dbname, **extra)
+
+    def with_credentials(self, dsn: str) -> str:
+        """Another server's public ``dsn`` with this node's own way to authenticate (its passfile) added."""
+        return make_conninfo(dsn, passfile=self.passfile) if self.passfile else dsn
 
     # -- plumbing -----------------------------------------------------------
 
@@ -623,7 +642,7 @@ class PostgresNode:
             raise ConfigError(f"bad primary_dsn: {_message(e)}") from None
         src_host, src_port = str(params.get("host", "")), str(params.get("port", "5432"))
         if src_host in (self.host, "localhost") and src_port == str(self.port):
-            raise ConfigError(f"{self.name}: cannot rejoin to itself ({primary_dsn})")
+            raise ConfigError(f"{self.name}: cannot rejoin to itself ({public_dsn(primary_dsn)})")
         self._require_cluster()
         deadline = time.monotonic() + timeout
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
@@ -675,7 +694,7 @@ class PostgresNode:
             with self._open(statement_timeout=10.0, dsn=primary_dsn) as conn:
                 rec = conn.execute("SELECT pg_is_in_recovery()").fetchone()
                 if rec and rec[0]:
-                    raise ServiceError(f"{self.name}: cannot rejoin: the source ({primary_dsn}) is not a primary",
+                    raise ServiceError(f"{self.name}: cannot rejoin: the source ({public_dsn(primary_dsn)}) is not a primary",
                                        detail="source is in recovery")
                 row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()),"
                                    " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
@@ -689,7 +708,7 @@ class PostgresNode:
                     conn.execute("CHECKPOINT")
                 return timeline
         except psycopg.Error as e:
-            raise ServiceError(f"{self.name}: cannot rejoin: source {primary_dsn}: {_message(e)}",
+            raise ServiceError(f"{self.name}: cannot rejoin: source {public_dsn(primary_dsn)}: {_message(e)}",
                                detail=_message(e)) from e
 
     def _rewind(self, primary_dsn: str, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -29,6 +29,7 @@ class PostgresConfig:
     run_as: str | None = None  # default: "postgres" when the sidecar runs as root
     socket_dir: str | None = None
     advertise_dsn: str | None = None  # what clients and other members use to reach this server
+    passfile: str | None = None  # libpq password file for this node's own connections, rewinds and streaming
     max_lag_bytes: int = 16 * 1024 * 1024
     synchronous: bool = False
     guard_tables: list[str] = field(default_factory=list)
@@ -78,9 +79,12 @@ def _check_dsn(dsn: str) -> None:
     try:
         parts = conninfo_to_dict(dsn)
     except Exception as e:  # psycopg.ProgrammingError, with libpq's own words
-        raise ConfigError(f"[postgres] advertise_dsn {dsn!r} is not a valid libpq connection string: {e}") from None
+        raise ConfigError(f"[postgres] advertise_dsn is not a valid libpq connection string: {e}") from None
     if "host" not in parts:
-        raise ConfigError(f"[postgres] advertise_dsn {dsn!r} names no host: other members could not reach it")
+        raise ConfigError("[postgres] advertise_dsn names no host: other members could not reach it")
+    if "password" in parts or "sslpassword" in parts:
+        raise ConfigError("[postgres] advertise_dsn holds a password: it would be published; put credentials "
+                          "in a passfile ([postgres] passfile) instead")
 
 
 def parse_config(data: dict[str, Any]) -> SidecarConfig:

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import TenureError
 from ..services import pg_guard
-from ..services.postgres import NodeStatus, PostgresNode
+from ..services.postgres import NodeStatus, PostgresNode, public_dsn
 from .config import PostgresConfig
 from .policy import Host, NodeState
 
@@ -58,11 +58,12 @@ class PostgresPolicy:
         self.ttl = ttl
         self.node = node or PostgresNode(
             member, pg.data_dir, pg.port, host=pg.host, user=pg.user, dbname=pg.dbname,
-            bin_dir=pg.bin_dir, socket_dir=pg.socket_dir,
+            bin_dir=pg.bin_dir, socket_dir=pg.socket_dir, passfile=pg.passfile,
             **({"run_as": pg.run_as} if pg.run_as is not None else {}),
         )
         self.member = member
-        self.address = pg.advertise_dsn or self.node.dsn
+        # Published in etcd and shown everywhere: never a secret (credentials come from the passfile).
+        self.address = public_dsn(pg.advertise_dsn or self.node.dsn)
         self.last_status: NodeStatus | None = None
         self.sync_names: list[str] = []  # synchronous standbys as last published by the primary
         self._sync_configured: list[str] | None = None
@@ -291,7 +292,7 @@ class PostgresPolicy:
             return
         host.note("rejoining", primary=primary.dsn, role=st.role)
         try:
-            self.node.rejoin(primary.dsn)
+            self.node.rejoin(self.node.with_credentials(primary.dsn))
         except TenureError:
             self._next_rejoin = time.monotonic() + self.ttl  # e.g. the primary is not up yet
             raise
