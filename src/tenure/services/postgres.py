@@ -143,11 +143,15 @@ SELECT r.rec,
        pg_last_wal_receive_lsn()::text,
        pg_last_wal_replay_lsn()::text,
        w.status, w.sender_host, w.sender_port, w.received_tli,
-       (SELECT timeline_id FROM pg_control_checkpoint())
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       CASE WHEN r.rec THEN (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir()
+                             WHERE name ~ '^[0-9A-F]{24}$') END
 FROM (SELECT pg_is_in_recovery() AS rec OFFSET 0) r
 LEFT JOIN pg_stat_wal_receiver w ON true
 """
-# The CASEs keep pg_current_wal_lsn() (an error during recovery) off a standby.
+# The CASEs keep pg_current_wal_lsn() (an error during recovery) off a standby. A standby
+# without a walreceiver reports the newest timeline it holds WAL of (its segment files), not
+# the older one of its last restartpoint.
 # pg_is_in_recovery() is evaluated once (OFFSET 0 keeps the subquery from being
 # inlined), so a promotion between two evaluations cannot split the answer.
 
@@ -409,13 +413,13 @@ class PostgresNode:
                     return NodeStatus(healthy=False, role="down", error=_message(e))
         assert row is not None
         (rec, read_only, cur_lsn, walfile, recv_lsn, replay_lsn,
-         w_status, w_host, w_port, w_tli, ckpt_tli) = row
+         w_status, w_host, w_port, w_tli, ckpt_tli, wal_tli) = row
         if not rec:
             return NodeStatus(healthy=True, role="primary", timeline=int(walfile[:8], 16),
                               wal_current=_lsn(cur_lsn), read_only=bool(read_only))
         return NodeStatus(
             healthy=True, role="standby",
-            timeline=int(w_tli) if w_tli else (int(ckpt_tli) if ckpt_tli else None),
+            timeline=int(w_tli) if w_tli else (max(int(ckpt_tli or 0), int(wal_tli or 0)) or None),
             wal_received=_lsn(recv_lsn), wal_replayed=_lsn(replay_lsn),
             streaming=w_status == "streaming",
             upstream=f"{w_host}:{w_port}" if w_host is not None else None,

@@ -82,6 +82,7 @@ class Sidecar:
         self._primary_position = 0  # the newest primary position seen in the primary's member record
         self._members: dict[str, MemberRecord] = {}  # other members' records, as last read
         self._vacant_since: float | None = None
+        self._not_eligible_why: str | None = None  # the last reason noted for not campaigning
         self._unhealthy_since: float | None = None  # monotonic time the leader's probes began failing
         self._wait_until = 0.0
         self._published_primary: int | None = None
@@ -349,8 +350,12 @@ class Sidecar:
         if ok and st.role == "standby" and now - self._started < self.ttl:
             return  # just started: let the primary's own sidecar, perhaps slower to start, claim it first
         if not ok:
+            if why != self._not_eligible_why:
+                self.note("no leader: not eligible", reason=why)
+            self._not_eligible_why = why
             self._vacant_since = None
             return
+        self._not_eligible_why = None
         if self._vacant_since is None:
             self._vacant_since = now
             rank = self._rank(st)
