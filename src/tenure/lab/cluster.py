@@ -104,11 +104,24 @@ class SidecarProc:
 
 
 def postmaster_pid(node: PostgresNode) -> int | None:
+    """The pid ``postmaster.pid`` names, only if that process is this server's postmaster now.
+
+    The file outlives a crash, and its pid may since belong to another process: a postgres
+    binary whose command line names this data directory, or nothing.
+    """
     try:
         with open(os.path.join(node.data_dir, "postmaster.pid")) as f:
-            return int(f.readline())
+            pid = int(f.readline())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except (OSError, ValueError):
         return None
+    if not argv or os.path.basename(argv[0]) not in ("postgres", "postmaster"):
+        return None
+    data_dir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-D"), None)
+    if data_dir is None or os.path.realpath(data_dir) != os.path.realpath(node.data_dir):
+        return None
+    return pid
 
 
 def _toml(v: Any) -> str:
