@@ -578,10 +578,17 @@ class PostgresNode:
                 row = conn.execute("SELECT pg_promote(true, %s)", (wait_s,)).fetchone()
                 if not row or not row[0]:
                     raise self._fail("promote failed", f"not promoted within {wait_s} s")
-                conn.execute("CHECKPOINT")
         except psycopg.Error as e:
             raise self._fail("promote failed", _message(e)) from e
         log.info("%s: promoted in %.2f s", self.name, time.monotonic() - started)
+        # Promoted: from here nothing may undo it. The checkpoint runs without a statement
+        # timeout (on a large database it can take long); a failure is logged, and rejoin()
+        # checkpoints the source again before it rewinds against it.
+        try:
+            with self._open(statement_timeout=0) as conn:
+                conn.execute("CHECKPOINT")
+        except psycopg.Error as e:
+            log.warning("%s: CHECKPOINT after the promotion failed: %s", self.name, _message(e))
 
     def allow_writes(self) -> None:
         """Undo the ``default_transaction_read_only`` a :meth:`demote` left, on a running primary."""
