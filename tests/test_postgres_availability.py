@@ -92,3 +92,35 @@ def test_starved_server_is_not_a_failure(cluster: FailoverCluster) -> None:
             os.kill(p, signal.SIGCONT)
     assert_no_failover(cluster, first, 2.0)
     wait_for(lambda: leader.http("/primary")[0] == 200, 10, "/primary 200 again")
+
+
+def test_a_thousand_idle_http_connections_change_nothing(cluster: FailoverCluster) -> None:
+    import socket
+
+    first = cluster.wait_primary(30)
+    leader = cluster.sidecar(first["member"])
+    wait_for(lambda: leader.http("/primary")[0] == 200, 10, "/primary 200")
+    idle = []
+    try:
+        for _ in range(1000):
+            s = socket.socket()
+            s.settimeout(5)
+            try:
+                s.connect(("127.0.0.1", leader.http_port))
+            except OSError:
+                s.close()
+                continue
+            idle.append(s)
+        times = []
+        for _ in range(10):
+            t = time.monotonic()
+            code, _ = leader.http("/primary")
+            times.append(time.monotonic() - t)
+            assert code == 200
+        print(f"/primary with 1000 idle connections open: max {max(times) * 1000:.0f} ms")
+        assert sorted(times)[len(times) // 2] < 0.1
+        assert_no_failover(cluster, first, 2 * TTL)
+        assert len(os.listdir(f"/proc/{leader.proc.pid}/fd")) < 300
+    finally:
+        for s in idle:
+            s.close()
