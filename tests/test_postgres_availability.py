@@ -124,3 +124,23 @@ def test_a_thousand_idle_http_connections_change_nothing(cluster: FailoverCluste
     finally:
         for s in idle:
             s.close()
+
+
+def test_a_node_whose_rewind_fails_is_recloned(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    old = cluster.sidecar(first["member"])
+    old.kill_with_postgres()
+    new = cluster.wait_primary(2 * TTL + 10, not_member=first["member"])
+    # The old primary's directory can no longer be rewound (as after a rewind interrupted mid-run).
+    os.unlink(os.path.join(old.node.data_dir, "global", "pg_control"))
+    old.start()
+    wait_for(lambda: old.http("/replica")[0] == 200, 90, "the broken node streaming again after a re-clone")
+    assert "re-cloning" in old.log()
+    with psycopg.connect(new["dsn"], autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (424242, 'after-clone', 0)")
+    wait_for(lambda: _has(cluster.app_dsn(old.node.name), 424242), 30, "replication to the re-cloned node")
+
+
+def _has(dsn: str, row: int) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM items WHERE id = %s", (row,)).fetchone() is not None

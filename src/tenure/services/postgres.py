@@ -60,6 +60,8 @@ _ROLE_SETTINGS = ("primary_conninfo", "primary_slot_name", "default_transaction_
 # Configuration files pg_rewind copies from the source; rejoin() puts the node's own back.
 _CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
 
+REWIND_TIMEOUT = 3600.0  # seconds; only a hung pg_rewind is killed
+
 _AUTO = object()  # "run_as" default: postgres when root, else the current user
 
 
@@ -656,25 +658,36 @@ class PostgresNode:
             raise ConfigError(f"{self.name}: cannot rejoin to itself ({public_dsn(primary_dsn)})")
         self._require_cluster()
         deadline = time.monotonic() + timeout
-        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
-
         timeline = self._prepare_source(primary_dsn)
+        try:
+            self._rewind_and_start(primary_dsn, timeline, src_port, deadline)
+        except ServiceError as e:
+            # A rewind that failed (or was interrupted before, leaving a directory that cannot
+            # start) is not retried for ever: clone afresh from the primary.
+            log.error("%s: rejoin by pg_rewind failed (%s); re-cloning from the primary with pg_basebackup",
+                      self.name, e.detail)
+            self.reclone(primary_dsn, timeout=max(60.0, timeout))
+
+    def _rewind_and_start(self, primary_dsn: str, timeline: int, src_port: str, deadline: float) -> None:
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         if self.is_running():
             self._stop_bounded(min(10.0, left()))
-        res = self._rewind(primary_dsn, left())
+        # Never killed mid-run: an interrupted pg_rewind leaves a directory that cannot start.
+        res = self._rewind(primary_dsn, REWIND_TIMEOUT)
         if res.returncode != 0 and re.search(r"shut down cleanly|single-user|crash recovery", res.stderr):
             log.warning("%s: pg_rewind needs a clean shutdown; running the node once, isolated", self.name)
             self._run_once_isolated(min(30.0, left()))
-            res = self._rewind(primary_dsn, left())
+            res = self._rewind(primary_dsn, REWIND_TIMEOUT)
         if res.returncode != 0:
             raise self._fail("pg_rewind failed", (res.stderr or res.stdout).strip())
         rewound = "no rewind required" not in (res.stdout + res.stderr)
         log.info("%s: pg_rewind: %s", self.name, "rewound" if rewound else "no rewind required")
-
         self._write_standby_config(primary_dsn)
         since = self._log_size()
         self._pg_ctl_start(left())
-        last: NodeStatus | None = None
+        self._wait_streaming(timeline, src_port, deadline, since)
+
+    def _wait_streaming(self, timeline: int, src_port: str, deadline: float, since: int) -> None:
         while True:
             last = self.status()
             if (last.role == "standby" and last.streaming and last.timeline == timeline
@@ -683,9 +696,58 @@ class PostgresNode:
                 return
             if time.monotonic() > deadline:
                 tail = self._log_tail(since, lines=4)
-                raise self._fail(f"not streaming from the primary (timeline {timeline}) after {timeout:.0f} s",
+                raise self._fail(f"not streaming from the primary (timeline {timeline}) in time",
                                  f"status {last}; log: {tail}")
             time.sleep(0.05)
+
+    def reclone(self, primary_dsn: str, *, timeout: float = 120.0) -> None:
+        """Replace the data directory with a fresh pg_basebackup of the primary, then start it as its standby.
+
+        The clone is made beside the old directory, which is kept until the clone has
+        succeeded; the node's own configuration files are carried over.
+        """
+        self._require_cluster()
+        deadline = time.monotonic() + timeout
+        base = self.data_dir.rstrip("/")
+        new, old = base + ".tenure-clone", base + ".tenure-old"
+        shutil.rmtree(new, ignore_errors=True)
+        if self.is_running():
+            self._stop_bounded(10.0)
+        res = self._run("pg_basebackup", "-d", primary_dsn, "-D", new, "-X", "stream", "-c", "fast", "--no-sync",
+                        timeout=max(1.0, deadline - time.monotonic()))
+        if res.returncode != 0:
+            shutil.rmtree(new, ignore_errors=True)
+            raise self._fail("re-clone with pg_basebackup failed", (res.stderr or res.stdout).strip())
+        saved = {}
+        for fn in _CONFIG_FILES:
+            try:
+                with open(os.path.join(self.data_dir, fn), "rb") as f:
+                    saved[fn] = f.read()
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(self.data_dir, old)
+        os.rename(new, self.data_dir)
+        for fn, data in saved.items():
+            self._write_owned(os.path.join(self.data_dir, fn), data)
+        self._write_standby_config(primary_dsn)
+        since = self._log_size()
+        self._pg_ctl_start(max(1.0, deadline - time.monotonic()))
+        timeline = self._prepare_source(primary_dsn)
+        port = str(conninfo_to_dict(primary_dsn).get("port", "5432"))
+        self._wait_streaming(timeline, port, deadline, since)
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("%s: re-cloned from the primary and streaming; the old data directory is removed", self.name)
+
+    def repoint(self, primary_dsn: str) -> None:
+        """Make this running standby stream from ``primary_dsn`` by a reload, without a restart (PostgreSQL 13+)."""
+        params = conninfo_to_dict(primary_dsn)
+        params["application_name"] = self.name
+        conninfo = make_conninfo(**{k: str(v) for k, v in params.items()})
+        self._sql("ALTER SYSTEM SET primary_conninfo",
+                  sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(sql.Literal(conninfo)))
+        self._sql("pg_reload_conf", "SELECT pg_reload_conf()")
+        log.info("%s: re-pointed to %s by reload", self.name, public_dsn(primary_dsn))
 
     def _run_once_isolated(self, timeout: float) -> None:
         """Start the server where no client can reach it and stop it cleanly (a clean shutdown for pg_rewind)."""

@@ -6,8 +6,10 @@ Patroni's paths, so existing haproxy configurations keep working:
     200 only if this member leads, its lease is valid and the server is a
     writable primary; 503 otherwise.
 ``/replica``
-    200 for a healthy standby that is streaming; ``?lag=BYTES`` also requires
-    it to be at most that far behind the last primary position it saw.
+    200 for a healthy standby that is streaming, or streamed within
+    ``?staleness=SECONDS`` (default 5: a walreceiver reconnecting through a
+    failover); ``?lag=BYTES`` also requires it to be at most that far behind
+    the last primary position it saw.
 ``/read-only``
     200 if the server can serve reads (primary or standby).
 ``/health``
@@ -53,6 +55,8 @@ class Observable(Protocol):
 
     def lag(self) -> int | None: ...
 
+    def streamed_within(self, seconds: float) -> bool: ...
+
     def snapshot(self) -> dict[str, Any]: ...
 
 
@@ -65,7 +69,14 @@ def _checks(sidecar: Observable, path: str, query: dict[str, list[str]]) -> tupl
               and st.role == "primary" and st.writable)
         return (200 if ok else 503), {"role": st.role if st else "down", "leader": bool(ok)}
     if path == "/replica":
-        ok = healthy and st is not None and st.role == "standby" and st.streaming
+        # A standby whose walreceiver is reconnecting (e.g. while the primary fails over) keeps
+        # serving reads for ``staleness`` seconds (default 5) after it last streamed.
+        try:
+            staleness = float(query.get("staleness", ["5"])[0])
+        except ValueError:
+            return 400, {"error": "staleness must be a number of seconds"}
+        ok = (healthy and st is not None and st.role == "standby"
+              and (st.streaming or sidecar.streamed_within(staleness)))
         lag = None
         if ok and st is not None and "lag" in query:
             try:

@@ -415,6 +415,10 @@ class Sidecar:
             return None
         return max(0, self._primary_position - st.position)
 
+    def streamed_within(self, seconds: float) -> bool:
+        """Whether this member was streaming from the leader at most ``seconds`` ago."""
+        return self._last_streaming > 0 and time.monotonic() - self._last_streaming <= seconds
+
     def snapshot(self) -> dict[str, Any]:
         """The sidecar's view, for /status."""
         st = self.status

@@ -77,6 +77,11 @@ class PostgresPolicy:
         self._guard_conns: dict[str, Any] = {}  # the renewer's own connection per guarded database
         self._guard_thread: threading.Thread | None = None
         self._next_rejoin = 0.0
+        self._pointed_at: str | None = None  # the primary this standby was last pointed at
+        self._repointed_at = 0.0
+        # How long a standby that is not streaming is left to reconnect by itself (PostgreSQL's
+        # walreceiver retries every wal_retrieve_retry_interval, 5 s by default).
+        self.rejoin_grace = max(2.0 * ttl, 6.0)
         self._last_streaming = 0.0
 
     # -- observing ------------------------------------------------------------
@@ -282,17 +287,29 @@ class PostgresPolicy:
 
     def follow(self, host: Host, st: NodeState, primary: "PrimaryRecord") -> None:
         upstream = self.upstream_of(primary.dsn)
-        if st.role == "standby" and st.upstream == upstream:
-            if st.streaming:
-                self._last_streaming = time.monotonic()
+        now = time.monotonic()
+        if st.role == "standby":
+            if st.upstream == upstream and st.streaming:
+                self._last_streaming = now
+                self._pointed_at = primary.dsn
                 return
-            if time.monotonic() - self._last_streaming < self.ttl:
-                return  # (re)connecting to it
-        if time.monotonic() < self._next_rejoin:
+            if self._pointed_at != primary.dsn:
+                # A new primary: a standby on the same timeline history follows it after a
+                # reload of primary_conninfo, without a restart (it keeps serving reads).
+                host.note("re-pointing by reload", primary=primary.dsn)
+                self.node.repoint(self.node.with_credentials(primary.dsn))
+                self._pointed_at, self._repointed_at = primary.dsn, now
+                return
+            # Reconnecting (the walreceiver retries every wal_retrieve_retry_interval, upstream
+            # unknown meanwhile): left alone for a grace before it is rewound and restarted.
+            if now - max(self._last_streaming, self._repointed_at) < self.rejoin_grace:
+                return
+        if now < self._next_rejoin:
             return
         host.note("rejoining", primary=primary.dsn, role=st.role)
         try:
             self.node.rejoin(self.node.with_credentials(primary.dsn))
+            self._pointed_at = primary.dsn
         except TenureError:
             self._next_rejoin = time.monotonic() + self.ttl  # e.g. the primary is not up yet
             raise
