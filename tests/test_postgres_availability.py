@@ -144,3 +144,31 @@ def test_a_node_whose_rewind_fails_is_recloned(cluster: FailoverCluster) -> None
 def _has(dsn: str, row: int) -> bool:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute("SELECT 1 FROM items WHERE id = %s", (row,)).fetchone() is not None
+
+
+def test_a_standby_keeps_serving_reads_through_a_primary_crash(cluster: FailoverCluster) -> None:
+    first = cluster.wait_primary(30)
+    standbys = [s for s in cluster.sidecars if s.node.name != first["member"]]
+    for s in standbys:
+        wait_for(lambda: s.http("/replica")[0] == 200, 20, f"{s.node.name} streaming")
+    pids = {s.node.name: postmaster_pid(s.node) for s in standbys}
+    cluster.sidecar(first["member"]).kill_with_postgres()
+    t0 = time.monotonic()
+    answers: dict[str, list[int]] = {s.node.name: [] for s in standbys}
+    new = None
+    while time.monotonic() < t0 + 4 * TTL + 4:
+        if new is None:
+            p = cluster.primary()
+            new = p if p is not None and p["member"] != first["member"] else None
+        for s in standbys:
+            if new is None or s.node.name != new["member"]:
+                answers[s.node.name].append(s.http("/replica")[0])
+        time.sleep(0.05)
+    assert new is not None and new["member"] != first["member"]
+    survivor = next(s for s in standbys if s.node.name != new["member"])
+    codes = answers[survivor.node.name]
+    assert codes and all(c == 200 for c in codes), f"/replica on {survivor.node.name}: {codes}"
+    assert postmaster_pid(survivor.node) == pids[survivor.node.name], "the surviving standby was restarted"
+    with psycopg.connect(new["dsn"], autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (515151, 'after', 0)")
+    wait_for(lambda: _has(cluster.app_dsn(survivor.node.name), 515151), 20, "the survivor following the new primary")
