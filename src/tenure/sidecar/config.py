@@ -63,6 +63,7 @@ class SidecarConfig:
     grace: float = 0.5  # seconds a less caught-up standby waits per rank before it races
     # A leader whose server fails its probes (but whose process runs) resigns only after this long.
     unhealthy_window: float = 5.0
+    etcd_wait: float = 30.0  # seconds etcd may stay unreachable at start before the sidecar gives up
     listen: str = "127.0.0.1:8008"  # HTTP endpoints for haproxy and Prometheus; "" to disable
 
     @property
@@ -124,6 +125,8 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"ttl must be whole seconds between 1 and 3600, got {cfg.ttl}")
     if cfg.grace < 0:
         raise ConfigError(f"grace must be >= 0, got {cfg.grace}")
+    if not cfg.etcd_wait > 0:
+        raise ConfigError(f"etcd_wait must be > 0 seconds, got {cfg.etcd_wait}")
     if not cfg.unhealthy_window > 0:
         raise ConfigError(f"unhealthy_window must be > 0 seconds, got {cfg.unhealthy_window}")
     if cfg.listen:
@@ -142,4 +145,6 @@ def load_config(path: str) -> SidecarConfig:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
     return parse_config(data)

@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import connect, records
 from ..election import Election, LeaderInfo, Leadership
-from ..errors import CampaignTimeout, EtcdError, MalformedRecord, TenureError
+from ..errors import CampaignTimeout, ConfigError, EtcdError, MalformedRecord, TenureError
 from ..etcd import Client
 from ..members import MemberPublisher, read_members
 from ..records import MemberRecord, PrimaryRecord, Term
@@ -437,12 +437,39 @@ class Sidecar:
         }
 
 
+def preflight(sidecar: Sidecar, etcd_wait: float = 30.0) -> None:
+    """Startup checks; each failure is one TenureError naming what is wrong (the CLI prints it and exits non-zero).
+
+    etcd must answer within ``etcd_wait`` seconds and grant the configured ttl (not more);
+    then the policy checks its own server (see :meth:`~tenure.sidecar.policy.ServicePolicy.preflight`).
+    """
+    deadline = time.monotonic() + etcd_wait
+    while True:
+        try:
+            lease = sidecar.client.grant(sidecar.ttl)
+            break
+        except EtcdError as e:
+            if time.monotonic() >= deadline:
+                raise EtcdError(f"etcd did not answer for {etcd_wait:.0f} s at start: {e}") from None
+            time.sleep(0.5)
+    with contextlib.suppress(EtcdError):
+        sidecar.client.revoke(lease.id, retry_for=1.0)
+    if lease.ttl > sidecar.ttl:
+        raise ConfigError(f"ttl {sidecar.ttl} s is below what etcd grants ({lease.ttl} s, 1.5 x its election "
+                          f"timeout): set ttl = {lease.ttl} or more")
+    sidecar.policy.preflight()
+
+
 def main(config: SidecarConfig) -> int:
     """``tenure sidecar --config FILE``: run until SIGTERM or SIGINT."""
     from .http import serve
 
     sidecar = Sidecar(config)
-    server = serve(sidecar, config.http_address) if config.http_address else None
+    preflight(sidecar, config.etcd_wait)
+    try:
+        server = serve(sidecar, config.http_address) if config.http_address else None
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {config.listen}: {e.strerror or e}") from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sidecar.stop())
     try:

@@ -66,6 +66,9 @@ class ServicePolicy(Protocol):
     kind: str
     address: str  # how clients and other members reach this server (no secrets)
 
+    def preflight(self) -> None:
+        """Check at start that the server can be run safely (raise TenureError with one clear line if not)."""
+
     def status(self) -> NodeState:
         """Probe the local server once."""
 

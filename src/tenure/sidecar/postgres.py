@@ -19,9 +19,10 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Mapping
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import TenureError
+from ..errors import ConfigError, TenureError
 from ..services import pg_guard
 from ..services.postgres import NodeStatus, PostgresNode, public_dsn
 from .config import PostgresConfig
@@ -83,6 +84,49 @@ class PostgresPolicy:
         # walreceiver retries every wal_retrieve_retry_interval, 5 s by default).
         self.rejoin_grace = max(2.0 * ttl, 6.0)
         self._last_streaming = 0.0
+
+    # -- starting ---------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """What failover needs of this server, checked when it answers (a stopped one is checked by its start).
+
+        * ``advertise_dsn`` reaches this very server (its ``cluster_name`` is this member);
+        * pg_rewind can work: ``wal_log_hints`` or data checksums;
+        * standbys can stream: ``wal_level`` replica or logical, WAL senders, a pg_hba
+          ``replication`` rule;
+        * WAL archiving, when on, runs on the primary only (``archive_mode = on``, not ``always``).
+        """
+        if not self.node.status().healthy:
+            return
+        problems = []
+        try:
+            with psycopg.connect(self.node.with_credentials(self.address), connect_timeout=3) as conn:
+                name = conn.execute("SELECT current_setting('cluster_name')").fetchone()
+        except psycopg.Error as e:
+            raise ConfigError(f"[postgres] advertise_dsn does not reach this server: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+        if not name or name[0] != self.member:
+            raise ConfigError(f"[postgres] advertise_dsn reaches another server ({name[0] if name else None!r}), "
+                              f"not {self.member}")
+        with self.node.connect() as conn:
+            row = conn.execute(
+                "SELECT current_setting('wal_log_hints'), current_setting('data_checksums'),"
+                " current_setting('wal_level'), current_setting('max_wal_senders')::int,"
+                " current_setting('archive_mode'),"
+                " (SELECT count(*) FROM pg_hba_file_rules WHERE 'replication' = ANY(database))").fetchone()
+        assert row is not None
+        hints, checksums, level, senders, archive, hba = row
+        if hints != "on" and checksums != "on":
+            problems.append("pg_rewind needs wal_log_hints = on (or data checksums)")
+        if level not in ("replica", "logical") or senders < 1:
+            problems.append(f"streaming needs wal_level = replica and max_wal_senders > 0 "
+                            f"(have {level}, {senders})")
+        if hba == 0:
+            problems.append("pg_hba.conf has no replication rule: standbys could not stream")
+        if archive == "always":
+            problems.append("archive_mode = always archives on standbys too: use on (archive from the primary only)")
+        if problems:
+            raise ConfigError(f"{self.member}: " + "; ".join(problems))
 
     # -- observing ------------------------------------------------------------
 
