@@ -133,6 +133,13 @@ def test_stale_primary_is_not_promoted_over_a_later_terms_writes(cluster: Failov
         n1.signal(signal.SIGCONT)
     # n1 comes back: an old primary on the old timeline. It must not lead over n2's writes.
     wait_for(lambda: "stale" in str((n1.http("/status")[1] or {}).get("eligible")), 30, "n1 to judge itself stale")
+    # Restarted while nobody leads, it is read-only in a way no client can override: the guard refuses.
+    with psycopg.connect(cluster.app_dsn("n1"), autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            with conn.transaction():
+                conn.execute("SET TRANSACTION READ WRITE")
+                conn.execute("INSERT INTO items VALUES (-1, 'override', 0)")
     t = time.monotonic()
     while time.monotonic() < t + 3 * TTL:
         p = cluster.primary()
