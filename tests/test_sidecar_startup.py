@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from tenure.lab.etcd import LocalEtcd, free_ports
 
