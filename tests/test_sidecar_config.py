@@ -27,7 +27,7 @@ def base(data_dir: str, **changes: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "service": "db", "member": "db1",
         "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
-        "postgres": {"data_dir": data_dir, "port": 5432, "bin_dir": PG_BIN},
+        "postgres": {"data_dir": data_dir, "port": 5432, "bin_dir": PG_BIN, "guard_schema": "public"},
     }
     for key, value in changes.items():
         section, _, name = key.rpartition("__")
@@ -42,6 +42,9 @@ def base(data_dir: str, **changes: Any) -> dict[str, Any]:
 def test_a_good_config(data_dir: str) -> None:
     cfg = parse_config(base(data_dir, ttl=5, postgres__synchronous=True, listen="0.0.0.0:9000"))
     assert (cfg.ttl, cfg.postgres.synchronous, cfg.http_address) == (5, True, ("0.0.0.0", 9000))
+    assert cfg.postgres.guard_databases == ["postgres"]
+    app = parse_config(base(data_dir, postgres__advertise_dsn="host=db1 dbname=openlibrary"))
+    assert app.postgres.guard_databases == ["openlibrary"]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -60,9 +63,16 @@ def test_a_good_config(data_dir: str) -> None:
     ({"postgres__port": 70000}, "port must be 1-65535"),
     ({"postgres__advertise_dsn": "host=db1 colour=blue"}, "not a valid libpq connection string"),
     ({"postgres__advertise_dsn": "port=5432"}, "names no host"),
+    ({"postgres__guard_schema": None}, "neither guard_schema nor guard_tables"),
+    ({"postgres__advertise_dsn": "host=db1 password=s3cret"}, "advertise_dsn holds a password"),
+    ({"postgres__advertise_dsn": "host=db1 dbname=openlibrary", "postgres__guard_databases": ["postgres"]},
+     "leaves the application's database 'openlibrary'"),
     ({"postgres__guard_tables": "items"}, "guard_tables must be list"),
 ])
 def test_mistakes_are_named(data_dir: str, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(base(data_dir, **changes))
+    assert "s3cret" not in str(info.value)
     with pytest.raises(ConfigError, match=message):
         parse_config(base(data_dir, **changes))
 

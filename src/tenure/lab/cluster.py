@@ -1,5 +1,8 @@
 """Throwaway PostgreSQL clusters with a ``tenure sidecar`` process per node.
 
+The application's table ``items`` lives in database ``app`` (:data:`APP_DB`), which every
+sidecar advertises and guards; ``postgres`` is left to the sidecars themselves.
+
 For the tests, benchmarks and demo: a local etcd (passed in), a fresh
 PostgreSQL primary with streaming standbys on free ports, one sidecar process
 per node with its own TOML config and HTTP port, and the means to hurt them
@@ -28,23 +31,29 @@ from ..services.postgres import PostgresNode
 
 
 
+APP_DB = "app"  # the application's tables live in a database of their own, as in production
+
+
 class SidecarProc:
     """``tenure sidecar`` for one node, in its own process."""
 
     def __init__(self, workdir: str, etcd: LocalEtcd, service: str, node: PostgresNode, **settings: Any) -> None:
+        """``settings``: top-level keys of the sidecar's TOML; ``postgres`` (a dict) adds to its [postgres]
+        section and ``etcd_endpoints`` replaces the endpoints (e.g. through a proxy the test can cut)."""
         self.node = node
+        endpoints = settings.pop("etcd_endpoints", None) or etcd.endpoints
         self.http_port = free_ports(1)[0]
         self.config_path = os.path.join(workdir, f"{node.name}.toml")
         self.log_path = os.path.join(workdir, f"{node.name}.log")
         pg = {"data_dir": node.data_dir, "port": node.port, "bin_dir": node.bin_dir,
-              "guard_schema": "public", **settings.pop("postgres", {})}
+              "guard_schema": "public", "advertise_dsn": node.dsn_for(APP_DB), **settings.pop("postgres", {})}
         if node.socket_dir:
             pg["socket_dir"] = node.socket_dir
         top = {"service": service, "member": node.name, "ttl": 2, "grace": 0.3,
                "listen": f"127.0.0.1:{self.http_port}", **settings}
         with open(self.config_path, "w") as f:
             f.write("".join(f"{k} = {_toml(v)}\n" for k, v in top.items()))
-            f.write(f"[etcd]\nendpoints = {_toml(etcd.endpoints)}\n[postgres]\n")
+            f.write(f"[etcd]\nendpoints = {_toml(endpoints)}\n[postgres]\n")
             f.write("".join(f"{k} = {_toml(v)}\n" for k, v in pg.items()))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -95,11 +104,24 @@ class SidecarProc:
 
 
 def postmaster_pid(node: PostgresNode) -> int | None:
+    """The pid ``postmaster.pid`` names, only if that process is this server's postmaster now.
+
+    The file outlives a crash, and its pid may since belong to another process: a postgres
+    binary whose command line names this data directory, or nothing.
+    """
     try:
         with open(os.path.join(node.data_dir, "postmaster.pid")) as f:
-            return int(f.readline())
+            pid = int(f.readline())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except (OSError, ValueError):
         return None
+    if not argv or os.path.basename(argv[0]) not in ("postgres", "postmaster"):
+        return None
+    data_dir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-D"), None)
+    if data_dir is None or os.path.realpath(data_dir) != os.path.realpath(node.data_dir):
+        return None
+    return pid
 
 
 def _toml(v: Any) -> str:
@@ -110,7 +132,8 @@ class FailoverCluster:
     """etcd (shared) + a fresh 3-node PostgreSQL cluster + a sidecar per node."""
 
     def __init__(self, etcd: LocalEtcd, service: str, size: int = 3, per_node: dict[str, dict[str, Any]] | None = None,
-                 **settings: Any) -> None:
+                 databases: tuple[str, ...] = (), **settings: Any) -> None:
+        """``databases``: more application databases to create besides :data:`APP_DB` (empty)."""
         self.etcd = etcd
         self.service = service
         self.workdir = tempfile.mkdtemp(prefix="tenure-failover-")
@@ -119,6 +142,9 @@ class FailoverCluster:
                          for n in self.pg.nodes]
         self.client = connect(etcd.endpoints)
         with psycopg.connect(self.pg.nodes[0].dsn, autocommit=True) as conn:
+            for db in (APP_DB, *databases):
+                conn.execute(f"CREATE DATABASE {db}")
+        with psycopg.connect(self.app_dsn("n1"), autocommit=True) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, writer text, at float8)")
         for s in self.sidecars:
             s.start()
@@ -136,6 +162,10 @@ class FailoverCluster:
                 return p
             time.sleep(0.01)
         raise TimeoutError(f"no published primary other than {not_member} within {timeout} s")
+
+    def app_dsn(self, member: str) -> str:
+        """How to reach the application's database on ``member``'s server."""
+        return next(n for n in self.pg.nodes if n.name == member).dsn_for(APP_DB)
 
     def sidecar(self, member: str) -> SidecarProc:
         return next(s for s in self.sidecars if s.node.name == member)

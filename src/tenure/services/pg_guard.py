@@ -364,8 +364,12 @@ def _drop_all(conn: Any) -> None:
         conn.execute("DROP SCHEMA tenure")
 
 
-def renew_guard(conn: Any, token: int, remaining: float) -> bool:
+def renew_guard(conn: Any, token: int, remaining: float | None = None, *, deadline: float | None = None) -> bool:
     """Extend the lease to the server's now + ``remaining`` seconds for term ``token``; True if applied.
+
+    Or pass ``deadline``, the caller's absolute ``time.monotonic()`` deadline (as a lease
+    keepalive hook gets it): then no pause of the caller, before or during the call, can move
+    the end of the lease later. Exactly one of the two is given.
 
     ``remaining`` is the caller's monotonic deadline minus its monotonic now,
     taken just before the call. The database never sees the caller's
@@ -397,7 +401,15 @@ def renew_guard(conn: Any, token: int, remaining: float) -> bool:
     """
     t0 = time.monotonic()  # the instant `remaining` was measured from, as near as we can tell
     token = _check_token(token)
-    deadline = t0 + _check_remaining(remaining)
+    if (remaining is None) == (deadline is None):
+        raise ConfigError("renew_guard takes either remaining or deadline")
+    if deadline is not None:
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+            raise ConfigError(f"deadline is a time.monotonic() value, got {deadline!r}")
+        remaining = max(0.0, deadline - t0)
+    else:
+        deadline = t0 + _check_remaining(remaining)
+    assert remaining is not None
     _require_idle(conn, "renew_guard")
     timeout_ms = str(max(100, min(int(remaining * 1000), 600_000)))
     with _transaction(conn, "renew the tenure lease"):

@@ -60,6 +60,8 @@ _ROLE_SETTINGS = ("primary_conninfo", "primary_slot_name", "default_transaction_
 # Configuration files pg_rewind copies from the source; rejoin() puts the node's own back.
 _CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
 
+REWIND_TIMEOUT = 3600.0  # seconds; only a hung pg_rewind is killed
+
 _AUTO = object()  # "run_as" default: postgres when root, else the current user
 
 
@@ -75,6 +77,18 @@ def parse_lsn(text: str) -> int:
 def format_lsn(pos: int) -> str:
     """A byte position as PostgreSQL writes an LSN: 'X/Y' in upper-case hex."""
     return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
+
+
+_SECRET_KEYS = ("password", "sslpassword", "passfile")
+
+
+def public_dsn(dsn: str) -> str:
+    """``dsn`` without its secrets (password, sslpassword) or the local passfile path: safe to publish or log."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<malformed connection string>"
+    return make_conninfo(**{k: str(v) for k, v in parts.items() if k not in _SECRET_KEYS})
 
 
 def _lsn(text: str | None) -> int | None:
@@ -131,11 +145,15 @@ SELECT r.rec,
        pg_last_wal_receive_lsn()::text,
        pg_last_wal_replay_lsn()::text,
        w.status, w.sender_host, w.sender_port, w.received_tli,
-       (SELECT timeline_id FROM pg_control_checkpoint())
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       CASE WHEN r.rec THEN (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir()
+                             WHERE name ~ '^[0-9A-F]{24}$') END
 FROM (SELECT pg_is_in_recovery() AS rec OFFSET 0) r
 LEFT JOIN pg_stat_wal_receiver w ON true
 """
-# The CASEs keep pg_current_wal_lsn() (an error during recovery) off a standby.
+# The CASEs keep pg_current_wal_lsn() (an error during recovery) off a standby. A standby
+# without a walreceiver reports the newest timeline it holds WAL of (its segment files), not
+# the older one of its last restartpoint.
 # pg_is_in_recovery() is evaluated once (OFFSET 0 keeps the subquery from being
 # inlined), so a promotion between two evaluations cannot split the answer.
 
@@ -182,6 +200,7 @@ class PostgresNode:
         socket_dir: str | None = None,
         log_file: str | None = None,
         connect_timeout: float = 2.0,
+        passfile: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(f"a node name is a plain identifier (letters, digits, _; at most 63), got {name!r}")
@@ -223,14 +242,21 @@ class PostgresNode:
         self.socket_dir = os.path.abspath(socket_dir) if socket_dir else None
         self.log_file = os.path.abspath(log_file) if log_file else self.data_dir.rstrip("/") + ".log"
         self.connect_timeout = float(connect_timeout)
+        self.passfile = os.path.abspath(passfile) if passfile else None
+        self._probe_conn: psycopg.Connection[Any] | None = None  # status()'s own connection, kept
 
     def __repr__(self) -> str:
         return f"PostgresNode({self.name!r}, {self.data_dir!r}, port={self.port})"
 
     @property
     def dsn(self) -> str:
-        """libpq key=value connection string for this node."""
-        return make_conninfo(host=self.host, port=str(self.port), user=self.user, dbname=self.dbname)
+        """libpq key=value connection string for this node (with the passfile's path, never a password)."""
+        extra = {"passfile": self.passfile} if self.passfile else {}
+        return make_conninfo(host=self.host, port=str(self.port), user=self.user, dbname=self.dbname, **extra)
+
+    def with_credentials(self, dsn: str) -> str:
+        """Another server's public ``dsn`` with this node's own way to authenticate (its passfile) added."""
+        return make_conninfo(dsn, passfile=self.passfile) if self.passfile else dsn
 
     # -- plumbing -----------------------------------------------------------
 
@@ -247,11 +273,25 @@ class PostgresNode:
             autocommit=True,
             # libpq counts whole seconds and treats anything under 2 as 2.
             connect_timeout=max(2, math.ceil(self.connect_timeout)),
-            options=f"-c statement_timeout={int(statement_timeout * 1000)}",
+            # synchronous_commit=local: what the sidecar commits for itself (the write guard, its
+            # settings) must not wait for a synchronous standby that may be gone.
+            options=f"-c statement_timeout={int(statement_timeout * 1000)} -c synchronous_commit=local",
         )
 
+    def dsn_for(self, dbname: str) -> str:
+        """This node's connection string for database ``dbname``."""
+        return make_conninfo(self.dsn, dbname=dbname)
+
+    def open(self, *, statement_timeout: float = 5.0, dbname: str | None = None) -> psycopg.Connection[Any]:
+        """A new autocommit connection that the caller keeps and closes (ServiceError if it cannot connect)."""
+        try:
+            return self._open(statement_timeout, dsn=self.dsn_for(dbname) if dbname else None)
+        except psycopg.Error as e:
+            raise self._fail("cannot connect", _message(e)) from e
+
     @contextmanager
-    def connect(self, *, statement_timeout: float = 5.0) -> Iterator[psycopg.Connection[Any]]:
+    def connect(self, *, statement_timeout: float = 5.0,
+                dbname: str | None = None) -> Iterator[psycopg.Connection[Any]]:
         """An autocommit psycopg connection to this node, closed on exit.
 
         Each statement is bounded by ``statement_timeout`` seconds. Failing to
@@ -259,7 +299,7 @@ class PostgresNode:
         :class:`ServiceError` with the server's message.
         """
         try:
-            conn = self._open(statement_timeout)
+            conn = self._open(statement_timeout, dsn=self.dsn_for(dbname) if dbname else None)
         except psycopg.Error as e:
             raise self._fail("cannot connect", _message(e)) from e
         try:
@@ -350,21 +390,38 @@ class PostgresNode:
     # -- status -------------------------------------------------------------
 
     def status(self) -> NodeStatus:
-        """Ask the server what it is. Never raises for a server that does not answer: role ``"down"``."""
-        try:
-            with self._open(statement_timeout=max(2.0, self.connect_timeout)) as conn:
+        """Ask the server what it is. Never raises for a server that does not answer: role ``"down"``.
+
+        The probe keeps its connection between calls (and makes a new one once if it broke), so a
+        full connection table cannot blind it once it has connected.
+        """
+        row = None
+        for fresh in (False, True):
+            conn = self._probe_conn
+            try:
+                if conn is None or conn.closed or fresh:
+                    if conn is not None:
+                        conn.close()
+                    self._probe_conn = conn = None
+                    conn = self._open(statement_timeout=max(2.0, self.connect_timeout))
+                    self._probe_conn = conn
                 row = conn.execute(_STATUS_SQL).fetchone()
-        except psycopg.Error as e:
-            return NodeStatus(healthy=False, role="down", error=_message(e))
+                break
+            except psycopg.Error as e:
+                if conn is not None:
+                    conn.close()
+                self._probe_conn = None
+                if fresh:
+                    return NodeStatus(healthy=False, role="down", error=_message(e))
         assert row is not None
         (rec, read_only, cur_lsn, walfile, recv_lsn, replay_lsn,
-         w_status, w_host, w_port, w_tli, ckpt_tli) = row
+         w_status, w_host, w_port, w_tli, ckpt_tli, wal_tli) = row
         if not rec:
             return NodeStatus(healthy=True, role="primary", timeline=int(walfile[:8], 16),
                               wal_current=_lsn(cur_lsn), read_only=bool(read_only))
         return NodeStatus(
             healthy=True, role="standby",
-            timeline=int(w_tli) if w_tli else (int(ckpt_tli) if ckpt_tli else None),
+            timeline=int(w_tli) if w_tli else (max(int(ckpt_tli or 0), int(wal_tli or 0)) or None),
             wal_received=_lsn(recv_lsn), wal_replayed=_lsn(replay_lsn),
             streaming=w_status == "streaming",
             upstream=f"{w_host}:{w_port}" if w_host is not None else None,
@@ -482,6 +539,19 @@ class PostgresNode:
             log.warning("%s: fast stop failed (%s); stopping immediately", self.name, e.detail)
             self.stop("immediate", timeout=10)
 
+    def checkpoint_location(self) -> int:
+        """Just past the start of the latest checkpoint record in the control file (``pg_controldata``).
+
+        After a clean stop that record (the shutdown checkpoint) is the last WAL the server wrote: a
+        standby that has received up to this position has everything the server acknowledged.
+        """
+        self._require_cluster()
+        res = self._run("pg_controldata", "-D", self.data_dir, timeout=10)
+        m = re.search(r"^Latest checkpoint location:\s*(\S+)", res.stdout, re.MULTILINE)
+        if res.returncode != 0 or not m:
+            raise self._fail("pg_controldata failed", (res.stderr or res.stdout).strip())
+        return parse_lsn(m.group(1)) + 1  # a standby holding the record has received past its start
+
     # -- role changes -------------------------------------------------------
 
     def promote(self, timeout: float = 10) -> None:
@@ -510,10 +580,17 @@ class PostgresNode:
                 row = conn.execute("SELECT pg_promote(true, %s)", (wait_s,)).fetchone()
                 if not row or not row[0]:
                     raise self._fail("promote failed", f"not promoted within {wait_s} s")
-                conn.execute("CHECKPOINT")
         except psycopg.Error as e:
             raise self._fail("promote failed", _message(e)) from e
         log.info("%s: promoted in %.2f s", self.name, time.monotonic() - started)
+        # Promoted: from here nothing may undo it. The checkpoint runs without a statement
+        # timeout (on a large database it can take long); a failure is logged, and rejoin()
+        # checkpoints the source again before it rewinds against it.
+        try:
+            with self._open(statement_timeout=0) as conn:
+                conn.execute("CHECKPOINT")
+        except psycopg.Error as e:
+            log.warning("%s: CHECKPOINT after the promotion failed: %s", self.name, _message(e))
 
     def allow_writes(self) -> None:
         """Undo the ``default_transaction_read_only`` a :meth:`demote` left, on a running primary."""
@@ -578,28 +655,39 @@ class PostgresNode:
             raise ConfigError(f"bad primary_dsn: {_message(e)}") from None
         src_host, src_port = str(params.get("host", "")), str(params.get("port", "5432"))
         if src_host in (self.host, "localhost") and src_port == str(self.port):
-            raise ConfigError(f"{self.name}: cannot rejoin to itself ({primary_dsn})")
+            raise ConfigError(f"{self.name}: cannot rejoin to itself ({public_dsn(primary_dsn)})")
         self._require_cluster()
         deadline = time.monotonic() + timeout
-        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
-
         timeline = self._prepare_source(primary_dsn)
+        try:
+            self._rewind_and_start(primary_dsn, timeline, src_port, deadline)
+        except ServiceError as e:
+            # A rewind that failed (or was interrupted before, leaving a directory that cannot
+            # start) is not retried for ever: clone afresh from the primary.
+            log.error("%s: rejoin by pg_rewind failed (%s); re-cloning from the primary with pg_basebackup",
+                      self.name, e.detail)
+            self.reclone(primary_dsn, timeout=max(60.0, timeout))
+
+    def _rewind_and_start(self, primary_dsn: str, timeline: int, src_port: str, deadline: float) -> None:
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         if self.is_running():
             self._stop_bounded(min(10.0, left()))
-        res = self._rewind(primary_dsn, left())
+        # Never killed mid-run: an interrupted pg_rewind leaves a directory that cannot start.
+        res = self._rewind(primary_dsn, REWIND_TIMEOUT)
         if res.returncode != 0 and re.search(r"shut down cleanly|single-user|crash recovery", res.stderr):
             log.warning("%s: pg_rewind needs a clean shutdown; running the node once, isolated", self.name)
             self._run_once_isolated(min(30.0, left()))
-            res = self._rewind(primary_dsn, left())
+            res = self._rewind(primary_dsn, REWIND_TIMEOUT)
         if res.returncode != 0:
             raise self._fail("pg_rewind failed", (res.stderr or res.stdout).strip())
         rewound = "no rewind required" not in (res.stdout + res.stderr)
         log.info("%s: pg_rewind: %s", self.name, "rewound" if rewound else "no rewind required")
-
         self._write_standby_config(primary_dsn)
         since = self._log_size()
         self._pg_ctl_start(left())
-        last: NodeStatus | None = None
+        self._wait_streaming(timeline, src_port, deadline, since)
+
+    def _wait_streaming(self, timeline: int, src_port: str, deadline: float, since: int) -> None:
         while True:
             last = self.status()
             if (last.role == "standby" and last.streaming and last.timeline == timeline
@@ -608,9 +696,58 @@ class PostgresNode:
                 return
             if time.monotonic() > deadline:
                 tail = self._log_tail(since, lines=4)
-                raise self._fail(f"not streaming from the primary (timeline {timeline}) after {timeout:.0f} s",
+                raise self._fail(f"not streaming from the primary (timeline {timeline}) in time",
                                  f"status {last}; log: {tail}")
             time.sleep(0.05)
+
+    def reclone(self, primary_dsn: str, *, timeout: float = 120.0) -> None:
+        """Replace the data directory with a fresh pg_basebackup of the primary, then start it as its standby.
+
+        The clone is made beside the old directory, which is kept until the clone has
+        succeeded; the node's own configuration files are carried over.
+        """
+        self._require_cluster()
+        deadline = time.monotonic() + timeout
+        base = self.data_dir.rstrip("/")
+        new, old = base + ".tenure-clone", base + ".tenure-old"
+        shutil.rmtree(new, ignore_errors=True)
+        if self.is_running():
+            self._stop_bounded(10.0)
+        res = self._run("pg_basebackup", "-d", primary_dsn, "-D", new, "-X", "stream", "-c", "fast", "--no-sync",
+                        timeout=max(1.0, deadline - time.monotonic()))
+        if res.returncode != 0:
+            shutil.rmtree(new, ignore_errors=True)
+            raise self._fail("re-clone with pg_basebackup failed", (res.stderr or res.stdout).strip())
+        saved = {}
+        for fn in _CONFIG_FILES:
+            try:
+                with open(os.path.join(self.data_dir, fn), "rb") as f:
+                    saved[fn] = f.read()
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(self.data_dir, old)
+        os.rename(new, self.data_dir)
+        for fn, data in saved.items():
+            self._write_owned(os.path.join(self.data_dir, fn), data)
+        self._write_standby_config(primary_dsn)
+        since = self._log_size()
+        self._pg_ctl_start(max(1.0, deadline - time.monotonic()))
+        timeline = self._prepare_source(primary_dsn)
+        port = str(conninfo_to_dict(primary_dsn).get("port", "5432"))
+        self._wait_streaming(timeline, port, deadline, since)
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("%s: re-cloned from the primary and streaming; the old data directory is removed", self.name)
+
+    def repoint(self, primary_dsn: str) -> None:
+        """Make this running standby stream from ``primary_dsn`` by a reload, without a restart (PostgreSQL 13+)."""
+        params = conninfo_to_dict(primary_dsn)
+        params["application_name"] = self.name
+        conninfo = make_conninfo(**{k: str(v) for k, v in params.items()})
+        self._sql("ALTER SYSTEM SET primary_conninfo",
+                  sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(sql.Literal(conninfo)))
+        self._sql("pg_reload_conf", "SELECT pg_reload_conf()")
+        log.info("%s: re-pointed to %s by reload", self.name, public_dsn(primary_dsn))
 
     def _run_once_isolated(self, timeout: float) -> None:
         """Start the server where no client can reach it and stop it cleanly (a clean shutdown for pg_rewind)."""
@@ -630,7 +767,7 @@ class PostgresNode:
             with self._open(statement_timeout=10.0, dsn=primary_dsn) as conn:
                 rec = conn.execute("SELECT pg_is_in_recovery()").fetchone()
                 if rec and rec[0]:
-                    raise ServiceError(f"{self.name}: cannot rejoin: the source ({primary_dsn}) is not a primary",
+                    raise ServiceError(f"{self.name}: cannot rejoin: the source ({public_dsn(primary_dsn)}) is not a primary",
                                        detail="source is in recovery")
                 row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()),"
                                    " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
@@ -644,7 +781,7 @@ class PostgresNode:
                     conn.execute("CHECKPOINT")
                 return timeline
         except psycopg.Error as e:
-            raise ServiceError(f"{self.name}: cannot rejoin: source {primary_dsn}: {_message(e)}",
+            raise ServiceError(f"{self.name}: cannot rejoin: source {public_dsn(primary_dsn)}: {_message(e)}",
                                detail=_message(e)) from e
 
     def _rewind(self, primary_dsn: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -733,6 +870,8 @@ class PostgresNode:
         if isinstance(names, str) or not isinstance(names, (list, tuple)):
             raise ConfigError(f"names must be a list of standby names, got {names!r}")
         for n in names:
+            if n == "*" and len(names) == 1:
+                continue  # any standby
             if not isinstance(n, str) or not _NAME_RE.match(n):
                 raise ConfigError(f"a standby name is a plain identifier, got {n!r}")
         if len(set(names)) != len(names):
@@ -756,6 +895,11 @@ class PostgresNode:
                                  f"wanted {value!r}, server has {rows[0][0] if rows else None!r}")
             time.sleep(0.02)
 
+    def configured_synchronous_standbys(self) -> list[str]:
+        """The standby names ``synchronous_standby_names`` lists now on this server (``[]`` when empty)."""
+        rows = self._sql("reading synchronous_standby_names", "SHOW synchronous_standby_names")
+        return parse_standby_names(str(rows[0][0]) if rows else "")
+
     def synchronous_standbys(self) -> list[str]:
         """Names of the standbys this primary now waits for (sync_state ``sync`` or ``quorum``), sorted."""
         rows = self._sql("reading pg_stat_replication",
@@ -769,6 +913,15 @@ class PostgresNode:
                          "SELECT application_name, state, sync_state, replay_lsn::text"
                          " FROM pg_stat_replication ORDER BY application_name")
         return [Replica(r[0], r[1], r[2], _lsn(r[3])) for r in rows]
+
+
+def parse_standby_names(value: str) -> list[str]:
+    """The names in a ``synchronous_standby_names`` value (``FIRST 1 (a, b)``, ``ANY 1 (a)``, ``a, b``)."""
+    text = value.strip()
+    m = re.match(r"^(?:(?:FIRST|ANY)\s+)?\d*\s*\((.*)\)\s*$", text, re.IGNORECASE)
+    if m:
+        text = m.group(1)
+    return [n.strip().strip('"') for n in text.split(",") if n.strip()]
 
 
 def _reset_read_only(conn: psycopg.Connection[Any]) -> None:

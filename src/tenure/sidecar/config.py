@@ -29,10 +29,25 @@ class PostgresConfig:
     run_as: str | None = None  # default: "postgres" when the sidecar runs as root
     socket_dir: str | None = None
     advertise_dsn: str | None = None  # what clients and other members use to reach this server
+    passfile: str | None = None  # libpq password file for this node's own connections, rewinds and streaming
     max_lag_bytes: int = 16 * 1024 * 1024
     synchronous: bool = False
     guard_tables: list[str] = field(default_factory=list)
     guard_schema: str | None = None
+    # Databases whose tables the guard covers (each gets its own lease row, renewed together);
+    # default: the database of advertise_dsn (the application's), else dbname.
+    guard_databases: list[str] = field(default_factory=list)
+
+    @property
+    def app_database(self) -> str:
+        """The application's database: the one clients reach through ``advertise_dsn``."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        if self.advertise_dsn:
+            db = conninfo_to_dict(self.advertise_dsn).get("dbname")
+            if db:
+                return str(db)
+        return self.dbname
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class SidecarConfig:
     priority: int = 0
     nofailover: bool = False
     grace: float = 0.5  # seconds a less caught-up standby waits per rank before it races
+    # A leader whose server fails its probes (but whose process runs) resigns only after this long.
+    unhealthy_window: float = 5.0
+    etcd_wait: float = 30.0  # seconds etcd may stay unreachable at start before the sidecar gives up
     listen: str = "127.0.0.1:8008"  # HTTP endpoints for haproxy and Prometheus; "" to disable
 
     @property
@@ -62,9 +80,12 @@ def _check_dsn(dsn: str) -> None:
     try:
         parts = conninfo_to_dict(dsn)
     except Exception as e:  # psycopg.ProgrammingError, with libpq's own words
-        raise ConfigError(f"[postgres] advertise_dsn {dsn!r} is not a valid libpq connection string: {e}") from None
+        raise ConfigError(f"[postgres] advertise_dsn is not a valid libpq connection string: {e}") from None
     if "host" not in parts:
-        raise ConfigError(f"[postgres] advertise_dsn {dsn!r} names no host: other members could not reach it")
+        raise ConfigError("[postgres] advertise_dsn names no host: other members could not reach it")
+    if "password" in parts or "sslpassword" in parts:
+        raise ConfigError("[postgres] advertise_dsn holds a password: it would be published; put credentials "
+                          "in a passfile ([postgres] passfile) instead")
 
 
 def parse_config(data: dict[str, Any]) -> SidecarConfig:
@@ -85,6 +106,16 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"[postgres] data_dir {pg.data_dir!r} is not a PostgreSQL data directory (no PG_VERSION)")
     if pg.advertise_dsn is not None:
         _check_dsn(pg.advertise_dsn)
+    if not pg.guard_tables and not pg.guard_schema:
+        raise ConfigError("[postgres] sets neither guard_schema nor guard_tables: a deposed primary would keep "
+                          "taking writes (set guard_schema = \"public\" to guard every table of the schema)")
+    if any(not isinstance(d, str) or not d for d in pg.guard_databases):
+        raise ConfigError(f"[postgres] guard_databases must be database names, got {pg.guard_databases!r}")
+    if not pg.guard_databases:
+        pg = dataclasses.replace(pg, guard_databases=[pg.app_database])
+    elif pg.app_database not in pg.guard_databases:
+        raise ConfigError(f"[postgres] guard_databases {pg.guard_databases} leaves the application's database "
+                          f"{pg.app_database!r} (of advertise_dsn) unguarded")
     if not os.path.isfile(os.path.join(pg.bin_dir, "pg_ctl")):
         raise ConfigError(f"[postgres] bin_dir {pg.bin_dir!r} has no pg_ctl")
     cfg = build_section(SidecarConfig, "top level", {**top, "etcd": etcd, "postgres": pg})
@@ -94,6 +125,10 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"ttl must be whole seconds between 1 and 3600, got {cfg.ttl}")
     if cfg.grace < 0:
         raise ConfigError(f"grace must be >= 0, got {cfg.grace}")
+    if not cfg.etcd_wait > 0:
+        raise ConfigError(f"etcd_wait must be > 0 seconds, got {cfg.etcd_wait}")
+    if not cfg.unhealthy_window > 0:
+        raise ConfigError(f"unhealthy_window must be > 0 seconds, got {cfg.unhealthy_window}")
     if cfg.listen:
         host, sep, port = cfg.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -110,4 +145,6 @@ def load_config(path: str) -> SidecarConfig:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
     return parse_config(data)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Sequence
+
+from ..records import Term
 
 
 class Action(enum.Enum):
@@ -48,3 +51,29 @@ def decide(o: Observed) -> Action:
     # The election names this member but the sidecar holds no term (it was lost a moment ago):
     # wait for the key to go rather than act on it.
     return Action.WAIT
+
+
+def newest_fence(terms: Sequence[Term]) -> Term | None:
+    """The newest term that recorded where it started (timeline and position): the bar a new leader must clear."""
+    fenced = [t for t in terms if t.timeline is not None and t.start_position is not None]
+    return max(fenced, key=lambda t: t.token) if fenced else None
+
+
+def clears_fence(timeline: int | None, position: int, fence: Term | None, error: str | None = None) -> tuple[bool, str]:
+    """Whether a server at ``timeline``/``position`` holds all the newest term started with.
+
+    ``error`` is why the history could not be read: then the answer is no (fail closed).
+    No fenced term at all (a new service) is no bar.
+    """
+    if error is not None:
+        return False, f"cannot read the term history: {error}"
+    if fence is None:
+        return True, "no earlier term recorded a start"
+    assert fence.timeline is not None and fence.start_position is not None
+    if timeline is None:
+        return False, "own timeline unknown"
+    if timeline < fence.timeline:
+        return False, f"stale: timeline {timeline} < {fence.timeline} of term {fence.token} ({fence.member})"
+    if position < fence.start_position:
+        return False, f"stale: position {position} < {fence.start_position} where term {fence.token} started"
+    return True, f"holds term {fence.token}'s start"

@@ -15,8 +15,9 @@ and then does the one thing :func:`~tenure.sidecar.decide.decide` says:
 * elected: let the policy promote, then publish the primary's address under
   the primary key with the token, bound to the term's lease.
 
-SIGTERM makes a leader refuse writes, resign (the next standby is elected at
-once) and stop its server; a follower just withdraws.
+SIGTERM makes a leader refuse writes, stop its server, wait (bounded) until a
+standby has published the server's final position, and only then resign (the
+next standby is elected at once); a follower just withdraws.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from typing import Any
 
 from .. import connect, records
 from ..election import Election, LeaderInfo, Leadership
-from ..errors import CampaignTimeout, EtcdError, MalformedRecord, TenureError
+from ..errors import CampaignTimeout, ConfigError, EtcdError, MalformedRecord, TenureError
 from ..etcd import Client
 from ..members import MemberPublisher, read_members
-from ..records import MemberRecord, PrimaryRecord
+from ..records import MemberRecord, PrimaryRecord, Term
 from .config import SidecarConfig
-from .decide import Action, Observed, decide
+from .decide import Action, Observed, clears_fence, decide, newest_fence
 from .policy import NodeState, ServicePolicy
 
 log = logging.getLogger("tenure.sidecar")
@@ -63,7 +64,7 @@ class Sidecar:
         e = config.etcd
         self.client = client or connect(
             e.endpoints, namespace=e.namespace, timeout=e.timeout, ca_cert=e.ca_cert, cert=e.cert, key=e.key,
-            user=e.user, password=e.password, check=False)
+            user=e.user, password=e.password, check=False, retry_for=max(0.5, config.ttl / 4))
         self.election = Election(self.client, config.service, member=config.member, ttl=config.ttl,
                                  value={"dsn": self.address, "zone": config.zone})
         self.publisher = MemberPublisher(self.client, config.service, config.member, ttl=max(2, config.ttl))
@@ -81,8 +82,12 @@ class Sidecar:
         self._primary_position = 0  # the newest primary position seen in the primary's member record
         self._members: dict[str, MemberRecord] = {}  # other members' records, as last read
         self._vacant_since: float | None = None
+        self._not_eligible_why: str | None = None  # the last reason noted for not campaigning
+        self._unhealthy_since: float | None = None  # monotonic time the leader's probes began failing
         self._wait_until = 0.0
         self._published_primary: int | None = None
+        # The newest fenced term start as last read: (term or None, why it could not be read, monotonic time).
+        self._fence: tuple[Term | None, str | None, float] = (None, "not read yet", 0.0)
         self._lock = threading.Lock()
         self.events: list[dict[str, Any]] = []  # recent decisions, for /status
 
@@ -128,13 +133,42 @@ class Sidecar:
     def _shutdown(self) -> None:
         leadership = self.leadership
         if leadership is not None and not leadership.lost.is_set():
-            self.note("shutdown: refusing writes and resigning")
-            self.policy.refuse_writes()
-            leadership.resign()
-            with contextlib.suppress(TenureError):
-                self.policy.stop()
+            self._hand_over(leadership)
         self.publisher.close()
         self.election.close()
+
+    def _hand_over(self, leadership: Leadership) -> None:
+        """A clean stop as leader: nothing acknowledged may be lost.
+
+        Writes are refused, the server stops (its final position is then fixed), and the
+        leadership is released only once a standby has published that position, or after a
+        bounded wait (then the standbys' own lag checks decide who may take over).
+        """
+        self.note("shutdown: refusing writes, stopping the server")
+        self.policy.refuse_writes()
+        with contextlib.suppress(TenureError):
+            self.policy.stop()
+        final = self.policy.final_position()
+        holder = self._wait_for_successor(final, time.monotonic() + max(2.0, float(self.ttl))) if final else None
+        if final and holder is None:
+            log.error("%s/%s: no standby reached the final position %s before the hand-over; releasing the "
+                      "leadership anyway: only a standby within its lag bound may take over", self.service,
+                      self.member, final)
+        self.note("shutdown: resigning", final_position=final, caught_up=holder)
+        leadership.resign()
+
+    def _wait_for_successor(self, final: int, deadline: float) -> str | None:
+        """The first member (other than this one) whose published position reaches ``final``, or None at ``deadline``."""
+        while True:
+            try:
+                for name, rec in sorted(read_members(self.client, self.service).items()):
+                    if name != self.member and rec.role != "down" and (rec.position or 0) >= final:
+                        return name
+            except EtcdError as e:
+                log.info("%s/%s: reading member records: %s", self.service, self.member, e)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     def _on_leader(self, info: LeaderInfo | None) -> None:
         self.leader = info
@@ -150,7 +184,6 @@ class Sidecar:
         if (st.streaming and leader is not None and leader.member != self.member
                 and st.upstream == self._upstream_of(leader)):
             self._last_streaming = time.monotonic()
-        self.publisher.publish(self.record(st))
 
         leadership = self.leadership
         action = decide(Observed(
@@ -158,12 +191,16 @@ class Sidecar:
             leader_seen=self._leader_seen.is_set(), leader=leader.member if leader is not None else None,
             member=self.member, role=st.role,
             running=st.role != "down" or self.policy.is_running()))
+        # Acting on the end of a term comes before anything that talks to etcd.
+        if action is Action.STEP_DOWN:
+            assert leadership is not None
+            self._demote(f"leadership ended: {leadership.reason or 'deadline passed'}")
+            self.publisher.publish(self.record(self.status))
+            return
+        self.publisher.publish(self.record(st))
         if action is Action.LEAD:
             assert leadership is not None
             return self._lead(leadership, st)
-        if action is Action.STEP_DOWN:
-            assert leadership is not None
-            return self._demote(f"leadership ended: {leadership.reason or 'deadline passed'}")
         if action is Action.WAIT:
             return
         self._learn_from_primary()
@@ -200,10 +237,21 @@ class Sidecar:
 
     def _lead(self, leadership: Leadership, st: NodeState) -> None:
         if not st.healthy:
-            self.note("local server unhealthy while leading: resigning")
-            leadership.resign()
-            self._demote("local server unhealthy")
+            # One failed probe is not a failure: resign on a definite fact (the server's process is
+            # gone) or once the probes have failed for the whole window.
+            now = time.monotonic()
+            if self._unhealthy_since is None:
+                self._unhealthy_since = now
+                self.note("local server not answering while leading", error=st.error)
+            gone = not self.policy.is_running()
+            if gone or now - self._unhealthy_since >= self.config.unhealthy_window:
+                why = "local server is not running" if gone else \
+                    f"local server failed its probes for {now - self._unhealthy_since:.1f} s"
+                self.note("resigning", why=why)
+                leadership.resign()
+                self._demote(why)
             return
+        self._unhealthy_since = None
         self.policy.lead(self, leadership, st)
         if self._published_primary != leadership.token:
             leadership.put(records.primary_key(self.service),
@@ -214,6 +262,7 @@ class Sidecar:
     def _demote(self, why: str) -> None:
         self.note("demoting", why=why)
         self.policy.demote()
+        self._unhealthy_since = None
         self.leadership = None
         self._published_primary = None
 
@@ -221,6 +270,7 @@ class Sidecar:
 
     def _learn_from_primary(self) -> None:
         """Remember how far the primary got (and what else the policy wants of it), while it lives."""
+        self._fence = self._read_fence()
         try:
             members = read_members(self.client, self.service)
         except EtcdError:
@@ -255,13 +305,16 @@ class Sidecar:
             return False, "nofailover is set"
         if not st.healthy:
             return False, "local server is not healthy"
-        if st.role == "primary":
-            last = self._last_term_member()
-            if last is not None and last != cfg.member:
-                return False, f"stale primary: the last term was {last}'s"
-            return True, "current primary"
-        if st.role != "standby":
+        if st.role not in ("primary", "standby"):
             return False, f"role {st.role}"
+        fence, error, read_at = self._fence
+        if error is None and time.monotonic() - read_at > 2 * cfg.ttl:
+            error = "not read recently"
+        ok, why = clears_fence(st.timeline, st.position, fence, error)
+        if not ok:
+            return ok, why
+        if st.role == "primary":
+            return True, "current primary"
         ok, why = self.policy.eligible(st, self._primary_position)
         if not ok:
             return ok, why
@@ -269,12 +322,14 @@ class Sidecar:
             return False, "not streaming from the last primary recently"
         return True, why
 
-    def _last_term_member(self) -> str | None:
+    def _read_fence(self) -> tuple[Term | None, str | None, float]:
+        """The newest fenced term start from the history; any error is kept as the reason not to lead."""
+        now = time.monotonic()
         try:
-            terms = self.election.history(1)
-        except EtcdError:
-            return None
-        return terms[-1].member if terms else None
+            kvs, _ = self.client.get_prefix(records.history_prefix(self.service))
+            return newest_fence([Term.decode(kv.value) for kv in kvs]), None, now
+        except (EtcdError, MalformedRecord) as e:
+            return None, str(e), now
 
     def _rank(self, st: NodeState) -> int:
         """How many eligible members are better placed than this one."""
@@ -295,14 +350,24 @@ class Sidecar:
         if ok and st.role == "standby" and now - self._started < self.ttl:
             return  # just started: let the primary's own sidecar, perhaps slower to start, claim it first
         if not ok:
+            if why != self._not_eligible_why:
+                self.note("no leader: not eligible", reason=why)
+            self._not_eligible_why = why
             self._vacant_since = None
             return
+        self._not_eligible_why = None
         if self._vacant_since is None:
             self._vacant_since = now
             rank = self._rank(st)
             self._wait_until = now + rank * self.config.grace
             self.note("no leader: will campaign", rank=rank, reason=why)
         if now < self._wait_until:
+            return
+        self._fence = self._read_fence()  # fresh, right before the campaign: fail closed
+        ok, why = self._eligible(st)
+        if not ok:
+            self.note("not campaigning", reason=why)
+            self._vacant_since = None
             return
         try:
             leadership = self.election.campaign(timeout=self.interval)
@@ -314,7 +379,18 @@ class Sidecar:
     def _on_elected(self, leadership: Leadership, st: NodeState) -> None:
         self.note("elected", token=leadership.token, role=st.role)
         self.leadership = leadership
-        leadership.on_lost(lambda _l: self._wake.set())
+        leadership.on_lost(self._on_term_lost)
+        # The term's start, fenced by the leader key, before the server takes a write: a node may
+        # lead later only if it holds at least this much (see _eligible).
+        start = Term(leadership.token, self.member, time.time(), timeline=self.policy.term_timeline(st),
+                     start_position=st.position)
+        try:
+            leadership.put(records.history_key(self.service, leadership.token), start.encode())
+        except TenureError as e:
+            log.error("could not record the term's start (%s); resigning without taking over", e)
+            leadership.resign()
+            self.leadership = None
+            return
         try:
             self.policy.promote(self, leadership, st)
         except TenureError as e:
@@ -324,6 +400,12 @@ class Sidecar:
             return
         self._lead(leadership, self.policy.status())
 
+    def _on_term_lost(self, leadership: Leadership) -> None:
+        """At the local deadline (on the keepalive thread, no etcd call): refuse writes now, demote next tick."""
+        if leadership.reason != "resigned":
+            self.policy.refuse_writes()
+        self._wake.set()
+
     # -- reporting ------------------------------------------------------------
 
     def lag(self) -> int | None:
@@ -332,6 +414,10 @@ class Sidecar:
         if st is None or st.role != "standby":
             return None
         return max(0, self._primary_position - st.position)
+
+    def streamed_within(self, seconds: float) -> bool:
+        """Whether this member was streaming from the leader at most ``seconds`` ago."""
+        return self._last_streaming > 0 and time.monotonic() - self._last_streaming <= seconds
 
     def snapshot(self) -> dict[str, Any]:
         """The sidecar's view, for /status."""
@@ -351,12 +437,39 @@ class Sidecar:
         }
 
 
+def preflight(sidecar: Sidecar, etcd_wait: float = 30.0) -> None:
+    """Startup checks; each failure is one TenureError naming what is wrong (the CLI prints it and exits non-zero).
+
+    etcd must answer within ``etcd_wait`` seconds and grant the configured ttl (not more);
+    then the policy checks its own server (see :meth:`~tenure.sidecar.policy.ServicePolicy.preflight`).
+    """
+    deadline = time.monotonic() + etcd_wait
+    while True:
+        try:
+            lease = sidecar.client.grant(sidecar.ttl)
+            break
+        except EtcdError as e:
+            if time.monotonic() >= deadline:
+                raise EtcdError(f"etcd did not answer for {etcd_wait:.0f} s at start: {e}") from None
+            time.sleep(0.5)
+    with contextlib.suppress(EtcdError):
+        sidecar.client.revoke(lease.id, retry_for=1.0)
+    if lease.ttl > sidecar.ttl:
+        raise ConfigError(f"ttl {sidecar.ttl} s is below what etcd grants ({lease.ttl} s, 1.5 x its election "
+                          f"timeout): set ttl = {lease.ttl} or more")
+    sidecar.policy.preflight()
+
+
 def main(config: SidecarConfig) -> int:
     """``tenure sidecar --config FILE``: run until SIGTERM or SIGINT."""
     from .http import serve
 
     sidecar = Sidecar(config)
-    server = serve(sidecar, config.http_address) if config.http_address else None
+    preflight(sidecar, config.etcd_wait)
+    try:
+        server = serve(sidecar, config.http_address) if config.http_address else None
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {config.listen}: {e.strerror or e}") from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sidecar.stop())
     try:

@@ -66,6 +66,9 @@ class ServicePolicy(Protocol):
     kind: str
     address: str  # how clients and other members reach this server (no secrets)
 
+    def preflight(self) -> None:
+        """Check at start that the server can be run safely (raise TenureError with one clear line if not)."""
+
     def status(self) -> NodeState:
         """Probe the local server once."""
 
@@ -80,6 +83,9 @@ class ServicePolicy(Protocol):
 
     def eligible(self, st: NodeState, primary_position: int) -> tuple[bool, str]:
         """The service's own promotion checks for a standby, beyond the loop's (lag, synchronous mode)."""
+
+    def term_timeline(self, st: NodeState) -> int | None:
+        """The timeline the server will write on once it leads a new term from state ``st``."""
 
     def record_fields(self, st: NodeState, leading: bool) -> dict[str, Any]:
         """Service-specific fields of this member's record."""
@@ -100,7 +106,10 @@ class ServicePolicy(Protocol):
         """Make the server a standby of ``primary`` if it is not one already."""
 
     def stop(self) -> None:
-        """Stop the server cleanly (on the sidecar's own shutdown as leader)."""
+        """Stop the server cleanly (on the sidecar's own shutdown as leader), writes already refused."""
+
+    def final_position(self) -> int | None:
+        """After :meth:`stop`: the position a successor must hold to have every acknowledged write."""
 
     def learn(self, records: Mapping[str, "MemberRecord"]) -> None:
         """See the other members' records (e.g. the primary's synchronous standbys)."""
