@@ -48,3 +48,18 @@ def decide(o: Observed) -> Action:
     # The election names this member but the sidecar holds no term (it was lost a moment ago):
     # wait for the key to go rather than act on it.
     return Action.WAIT
+
+
+def may_campaign(member: str, *, paused: bool, switchover_target: str | None) -> tuple[bool, str]:
+    """Whether operator requests let this member campaign now, and why not.
+
+    A switchover in force lets only its target campaign (paused or not: a
+    planned handover is the operator's own act); maintenance mode lets nobody.
+    """
+    if switchover_target is not None:
+        if switchover_target == member:
+            return True, "switchover target"
+        return False, f"switchover to {switchover_target} in progress"
+    if paused:
+        return False, "paused: no automatic failover"
+    return True, ""

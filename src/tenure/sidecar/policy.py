@@ -102,6 +102,15 @@ class ServicePolicy(Protocol):
     def stop(self) -> None:
         """Stop the server cleanly (on the sidecar's own shutdown as leader)."""
 
+    def hand_over(self, host: Host, leadership: "Leadership", target: str, deadline: float) -> bool:
+        """Planned handover to ``target``: stop taking writes, wait until ``target`` holds all of them, stop.
+
+        True once the server is stopped and ``target`` holds everything it
+        acknowledged (the loop then releases the term). False if that cannot
+        be done by ``deadline`` (monotonic): the server is then writable
+        again, as it was.
+        """
+
     def learn(self, records: Mapping[str, "MemberRecord"]) -> None:
         """See the other members' records (e.g. the primary's synchronous standbys)."""
 

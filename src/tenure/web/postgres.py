@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..errors import ConfigError, PrimaryUnavailable, ReadOnly, TenureError
+from . import hold as holding
 
 if TYPE_CHECKING:
     import psycopg
@@ -42,6 +43,10 @@ class PostgresProvider:
     standby, moving to the next when one cannot be reached (after at most
     0.5 s while others remain).
 
+    While the service has no primary (a switchover or failover in progress),
+    a new write waits up to ``hold`` s for the next one before raising
+    ReadOnly; a write whose outcome is unknown is never retried.
+
     ``timeout`` bounds the wait for a connection (s); a server that could not
     be reached is skipped for ``cooldown`` s, so requests during a failover
     fail fast rather than each wait. ``kwargs`` go to ``psycopg.connect``;
@@ -50,7 +55,7 @@ class PostgresProvider:
 
     def __init__(self, view: "ServiceView", *, timeout: float = 2.0, cooldown: float = 1.0, min_size: int = 1,
                  max_size: int = 4, kwargs: Mapping[str, Any] | None = None, pool: Mapping[str, Any] | None = None,
-                 prewarm: bool = True) -> None:
+                 prewarm: bool = True, hold: float = holding.DEFAULT_HOLD) -> None:
         try:
             from psycopg_pool import ConnectionPool  # noqa: F401
         except ImportError:
@@ -59,6 +64,7 @@ class PostgresProvider:
             raise ConfigError(f"bad pool settings: timeout={timeout}, cooldown={cooldown}, "
                               f"min_size={min_size}, max_size={max_size}")
         self.view = view
+        self.hold = holding.check_hold(hold)  # how long a new write waits for a primary during a change
         self.timeout = float(timeout)
         self.cooldown = float(cooldown)
         self._sizes = (min_size, max_size)
@@ -85,10 +91,14 @@ class PostgresProvider:
             self.view.ready(self.timeout)  # first use in this process: its view is milliseconds away
             p = self.view.primary
         if p is None:
+            p = holding.wait_for_primary(self.view, self.hold)
+        if p is None:
             if self.view.exists is False:
                 raise self.view.unknown_error()
             raise ReadOnly(f"{self.view.name} is read-only: {self.view.reason}")
         assert p.token is not None
+        if self._down.get(p.dsn, 0.0) > _monotonic():
+            p = holding.wait_for_primary(self.view, self.hold, not_token=p.token) or p
         if self._down.get(p.dsn, 0.0) > _monotonic():
             raise PrimaryUnavailable(f"{self.view.name}: primary {p.member} (token {p.token}) was unreachable "
                                      f"less than {self.cooldown:g} s ago")
