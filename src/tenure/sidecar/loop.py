@@ -302,7 +302,7 @@ class Sidecar:
             return
         ok, why = self._eligible(st)
         now = time.monotonic()
-        if ok and st.role == "standby" and now - self._started < self.ttl:
+        if ok and st.role == "standby" and now - self._started < self.ttl and target != self.member:
             return  # just started: let the primary's own sidecar, perhaps slower to start, claim it first
         if not ok:
             self._vacant_since = None
@@ -376,7 +376,8 @@ class Sidecar:
         on), then the policy stops writes and waits for the target to hold
         every one (:meth:`ServicePolicy.hand_over`); only then is the term
         released, and the target, the only member allowed to campaign while
-        the request stands, takes it.
+        the request stands, takes it. The old server is demoted and rejoins
+        as a standby of the target.
         """
         request = maintenance.switchover(self.client, self.service)
         if request is None:
@@ -403,8 +404,8 @@ class Sidecar:
         if not handed:
             return
         leadership.resign()
-        self.leadership = None
         self.note("switchover: term released", target=request.target)
+        self._demote("switchover")  # rejoins as a standby of the target from the next tick
         # Wait for the target to take the term, so that this stopped server is not started as it was meanwhile.
         while time.monotonic() < deadline and not self._stop.is_set():
             leader = self.leader

@@ -103,10 +103,11 @@ class ServicePolicy(Protocol):
         """Stop the server cleanly (on the sidecar's own shutdown as leader)."""
 
     def hand_over(self, host: Host, leadership: "Leadership", target: str, deadline: float) -> bool:
-        """Planned handover to ``target``: stop taking writes, wait until ``target`` holds all of them, stop.
+        """Planned handover to ``target``: stop taking writes, wait until ``target`` holds all of them.
 
-        True once the server is stopped and ``target`` holds everything it
-        acknowledged (the loop then releases the term). False if that cannot
+        True once the server refuses writes and ``target`` holds everything
+        it acknowledged (the loop then releases the term at once, so that the
+        target can be promoted, and demotes this server). False if that cannot
         be done by ``deadline`` (monotonic): the server is then writable
         again, as it was.
         """

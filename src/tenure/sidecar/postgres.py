@@ -209,7 +209,7 @@ class PostgresPolicy:
     # -- planned handover -------------------------------------------------------
 
     def hand_over(self, host: Host, leadership: "Leadership", target: str, deadline: float) -> bool:
-        """Let open transactions finish, refuse writes, wait for ``target`` to replay every commit, stop.
+        """Let open transactions finish, refuse writes, wait for ``target`` to replay every commit.
 
         Open transactions get until a quarter of the time left (at most 1 s)
         to finish: the web tier stops starting new ones once the primary key
@@ -242,7 +242,6 @@ class PostgresPolicy:
                         return False
                     time.sleep(0.002)
             host.note("switchover: target caught up", target=target, position=final)
-            self.node.stop("fast")  # standbys receive the shutdown checkpoint before it exits
             return True
         except Exception as e:
             log.error("switchover to %s failed: %s; writable again", target, e)
