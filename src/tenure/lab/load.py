@@ -108,3 +108,49 @@ def lost_writes(dsn: str, acked: list[int]) -> list[int]:
         rows = conn.execute("SELECT id FROM items WHERE id = ANY(%s)", (acked,)).fetchall()
     have = {r[0] for r in rows}
     return [i for i in acked if i not in have]
+
+
+class DirectWriter:
+    """One client writing through a fixed address (haproxy), reconnecting after errors; times every write."""
+
+    def __init__(self, dsn: str, *, interval: float = 0.01, start_id: int = 2_000_000) -> None:
+        self.dsn = dsn
+        self.interval = interval
+        self.next_id = start_id
+        self.accepted: list[float] = []  # monotonic times of acknowledged writes
+        self.acked: list[int] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="direct-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
+                row = self.next_id
+                self.next_id += 1
+                conn.execute("INSERT INTO items VALUES (%s, 'haproxy', %s)", (row, time.monotonic()))
+                self.accepted.append(time.monotonic())
+                self.acked.append(row)
+            except psycopg.Error:
+                self.errors += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self._stop.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def gap_around(self, t: float) -> float:
+        """The longest time between two acknowledged writes in the window from 1 s before ``t`` on."""
+        times = [x for x in self.accepted if x >= t - 1.0]
+        return max((b - a for a, b in zip(times, times[1:])), default=float("inf"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
