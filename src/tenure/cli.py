@@ -212,7 +212,7 @@ def cmd_pg_guard(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .lab.demo import run
 
-    return run(ttl=args.ttl)
+    return run(ttl=args.ttl, election=args.election)
 
 
 def _add_operator_commands(sub: Any) -> None:
@@ -283,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("--all", action="store_true", help="remove every guard object")
         a.set_defaults(fn=cmd_pg_guard, table=[], schema=None, all=False)
 
-    d = sub.add_parser("demo", help="start a local etcd and three candidates, kill the leader, print the timeline")
+    d = sub.add_parser("demo", help="local etcd + 3 PostgreSQL nodes + a web app: a crash, then a planned switchover")
     d.add_argument("--ttl", type=int, default=2)
+    d.add_argument("--election", action="store_true", help="the election-only demo (no PostgreSQL)")
     d.set_defaults(fn=cmd_demo)
 
     args = p.parse_args(argv)
