@@ -30,18 +30,17 @@ def check_hold(hold: object) -> float:
     return float(hold)
 
 
-def wait_for_primary(view: "ServiceView", hold: float, *, not_token: int | None = None) -> "Endpoint | None":
-    """The service's primary (other than term ``not_token``), waiting up to ``hold`` s for one; None if none came.
+def wait_for_primary(view: "ServiceView", hold: float) -> "Endpoint | None":
+    """The service's primary, waiting up to ``hold`` s for one; None if none came.
 
     Waits only while a change of primary is plausible: the service exists and
-    etcd is in sight with no primary published (or the primary of
-    ``not_token`` failed this caller). With etcd out of sight it returns at
-    once: then the service is read-only, not between primaries.
+    etcd is in sight with no primary published. With etcd out of sight it
+    returns at once: then the service is read-only, not between primaries.
     """
     deadline = time.monotonic() + hold
     while True:
         p = view.primary
-        if p is not None and (not_token is None or p.token != not_token):
+        if p is not None:
             return p
         if view.exists is not True:
             return None

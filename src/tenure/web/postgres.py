@@ -98,8 +98,6 @@ class PostgresProvider:
             raise ReadOnly(f"{self.view.name} is read-only: {self.view.reason}")
         assert p.token is not None
         if self._down.get(p.dsn, 0.0) > _monotonic():
-            p = holding.wait_for_primary(self.view, self.hold, not_token=p.token) or p
-        if self._down.get(p.dsn, 0.0) > _monotonic():
             raise PrimaryUnavailable(f"{self.view.name}: primary {p.member} (token {p.token}) was unreachable "
                                      f"less than {self.cooldown:g} s ago")
         pool = self._write_pool(p.token, p.dsn)
