@@ -126,13 +126,16 @@ def run(ttl: int = 2, out: TextIO | None = None, *, election: bool = False) -> i
     """``tenure demo``: the full PostgreSQL demo, or the election demo if asked or PostgreSQL is missing."""
     import sys
 
-    from . import fulldemo
-
     out = out or sys.stdout
     if not election:
-        lacking = fulldemo.missing()
-        if lacking is None:
-            return fulldemo.run(ttl=ttl, out=out)
+        try:
+            from . import fulldemo
+        except ImportError as e:  # psycopg is an extra: pip install 'tenure[postgres]'
+            lacking: str | None = f"{e.name or e} is not installed (pip install 'tenure[postgres]')"
+        else:
+            lacking = fulldemo.missing()
+            if lacking is None:
+                return fulldemo.run(ttl=ttl, out=out)
         out.write(f"tenure demo: the PostgreSQL demo needs what is missing here: {lacking}.\n"
                   "Running the election demo instead (etcd only).\n\n")
     return run_election(ttl=ttl, out=out)
