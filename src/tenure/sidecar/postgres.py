@@ -212,11 +212,11 @@ class PostgresPolicy:
         """Let open transactions finish, refuse writes, wait for ``target`` to replay every commit.
 
         Open transactions get until a quarter of the time left (at most
-        0.25 s) to finish: the web tier stops starting new ones once the primary key
+        1 s) to finish: the web tier stops starting new ones once the primary key
         is gone. If ``target`` has not replayed up to the primary's last WAL
         position by ``deadline``, writes are allowed again and False returned.
         """
-        drain_until = min(deadline, time.monotonic() + min(0.25, max(0.0, deadline - time.monotonic()) / 4))
+        drain_until = min(deadline, time.monotonic() + min(1.0, max(0.0, deadline - time.monotonic()) / 4))
         try:
             with self.node.connect() as conn:
                 while time.monotonic() < drain_until and _open_transactions(conn) > 0:

@@ -221,6 +221,8 @@ class PostgresProvider:
                     self._write = None
             log.info("%s: primary changed from token %d: closing its pool", view.name, cur[0])
             self._close_later(cur[2])
+        if p is not None and (cur is None or p.token != cur[0]):
+            self._down.pop(p.dsn, None)  # a new term on a server deserves a fresh try, whatever its past
         if (p is not None and p.token is not None and self._prewarm and cur is not None and p.token != cur[0]
                 and view.valid_primary() is not None):
             # A process that writes will write again: have connections ready on the new primary.
