@@ -30,6 +30,7 @@ import statistics
 import time
 
 from tenure import operations
+from tenure.errors import WaitTimeout
 from tenure.lab.cluster import FailoverCluster
 from tenure.lab.etcd import LocalEtcd
 from tenure.lab.haproxy import LocalHaproxy
@@ -38,6 +39,7 @@ from tenure.members import read_members
 from tenure.web import Router
 
 SERVICE = "bench"
+LOGS = "/tmp/tenure-switchover-bench-sidecars.log"
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "haproxy.cfg")
 
 
@@ -71,10 +73,17 @@ def main() -> int:
         router = Router(etcd.endpoints)
         provider = router.postgres(SERVICE)
         load = RouterLoad(provider, writers=2, readers=1, interval=0.01)
-        times, gaps = [], []
+        times, gaps, timeouts = [], [], 0
         for i in range(args.rounds):
             settle(cluster)
-            r = operations.switchover(cluster.client, SERVICE, timeout=10)
+            try:
+                r = operations.switchover(cluster.client, SERVICE, timeout=10)
+            except WaitTimeout as e:
+                timeouts += 1
+                print(f"  router round {i + 1}: {e}")
+                with open(LOGS, "a") as f:
+                    f.write(cluster.logs())
+                continue
             times.append(r["seconds"])
             gaps.append(r["gap"])
             print(f"  router round {i + 1}: {r['from']} -> {r['to']} in {r['seconds']:.3f} s "
@@ -89,7 +98,8 @@ def main() -> int:
               f"failed requests {score.writes_failed + score.reads_failed} "
               f"(writes {score.writes_failed}, reads {score.reads_failed}); writes held {score.writes_held}; "
               f"longest wait {score.longest_wait:.3f} s; acknowledged writes lost {len(lost)}")
-        print(f"router: switchover time {spread(times)}; no-primary time {spread(gaps)}")
+        print(f"router: switchover time {spread(times)}; no-primary time {spread(gaps)}; "
+              f"timed out (left as it was) {timeouts}" + (f" (sidecar logs in {LOGS})" if timeouts else ""))
         for e in score.errors[:5]:
             print(f"  error: {e}")
 
@@ -104,7 +114,12 @@ def main() -> int:
             while len(writer.accepted) < 20:
                 time.sleep(0.01)
             t = time.monotonic()
-            r = operations.switchover(cluster.client, SERVICE, timeout=10)
+            try:
+                r = operations.switchover(cluster.client, SERVICE, timeout=10)
+            except WaitTimeout as e:
+                writer.stop()
+                print(f"  haproxy round {i + 1}: {e}")
+                continue
             time.sleep(max(0.0, t + r["seconds"] + 1.5 - time.monotonic()))
             writer.stop()
             gap = writer.gap_around(t)

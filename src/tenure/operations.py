@@ -227,6 +227,13 @@ def switchover(client: Client, service: str, *, target: str | None = None, at: f
                 published = None
         if published is None and gone is None:
             gone = time.monotonic()
+        if (now_leader is not None and now_leader[1] == leader[1] and published is not None
+                and published.token == leader[1] and time.monotonic() - t0 > 0.5
+                and maintenance.switchover(client, service) is None):
+            # The request is gone and the old term is still published: the primary's sidecar refused it
+            # or timed out and restored everything.
+            raise WaitTimeout(f"{service}: the primary {leader[0]} did not hand over to {target} "
+                              "(refused or timed out; see its sidecar's log); nothing changed")
         if (now_leader is not None and now_leader[0] == target and published is not None
                 and published.token == now_leader[1]):
             done = time.monotonic()
