@@ -34,7 +34,7 @@ from tenure.errors import WaitTimeout
 from tenure.lab.cluster import FailoverCluster
 from tenure.lab.etcd import LocalEtcd
 from tenure.lab.haproxy import LocalHaproxy
-from tenure.lab.load import DirectWriter, RouterLoad, lost_writes
+from tenure.lab.load import DirectWriter, RouterLoad, lost_writes, streaming_standbys
 from tenure.members import read_members
 from tenure.web import Router
 
@@ -43,12 +43,13 @@ LOGS = "/tmp/tenure-switchover-bench-sidecars.log"
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "haproxy.cfg")
 
 
-def settle(cluster: FailoverCluster, timeout: float = 60) -> dict:
+def settle(cluster: FailoverCluster, timeout: float = 120) -> dict:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         p = cluster.primary()
         ms = read_members(cluster.client, SERVICE)
-        if p and len(ms) == 3 and all(m.eligible and (m.leader or (m.streaming and m.healthy)) for m in ms.values()):
+        if (p and len(ms) == 3 and all(m.eligible and (m.leader or (m.streaming and m.healthy)) for m in ms.values())
+                and len(streaming_standbys(p["dsn"])) == 2):
             return p
         time.sleep(0.05)
     raise TimeoutError("the cluster did not settle")

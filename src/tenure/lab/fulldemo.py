@@ -34,6 +34,7 @@ from .. import operations
 from ..members import read_members
 from .cluster import FailoverCluster
 from .etcd import LocalEtcd
+from .load import streaming_standbys
 from .webapp import HttpLoad, Seen, WebApp
 
 SERVICE = "demo-db"
@@ -150,7 +151,8 @@ def wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 def _settled(cluster: FailoverCluster) -> dict | None:
     p = cluster.primary()
     ms = read_members(cluster.client, SERVICE)
-    if p and len(ms) == 3 and all(m.eligible and (m.leader or (m.streaming and m.healthy)) for m in ms.values()):
+    if (p and len(ms) == 3 and all(m.eligible and (m.leader or (m.streaming and m.healthy)) for m in ms.values())
+            and len(streaming_standbys(p["dsn"])) == 2):
         return p
     return None
 

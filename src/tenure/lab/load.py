@@ -154,3 +154,15 @@ class DirectWriter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def streaming_standbys(dsn: str) -> set[str]:
+    """Names of the standbys streaming from the server at ``dsn`` now (empty if it cannot be asked)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+            rows = conn.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'").fetchall()
+    except psycopg.Error:
+        return set()
+    return {r[0] for r in rows}

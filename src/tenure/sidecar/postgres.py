@@ -219,6 +219,11 @@ class PostgresPolicy:
         drain_until = min(deadline, time.monotonic() + min(1.0, max(0.0, deadline - time.monotonic()) / 4))
         try:
             with self.node.connect() as conn:
+                streaming = conn.execute("SELECT count(*) FROM pg_stat_replication WHERE application_name = %s"
+                                         " AND state = 'streaming'", (target,)).fetchone()
+                if not streaming or not streaming[0]:
+                    host.note("switchover refused: target not streaming from this primary", target=target)
+                    return False  # nothing was changed yet: writes go on
                 while time.monotonic() < drain_until and _open_transactions(conn) > 0:
                     time.sleep(0.005)
                 pg_guard.expire_guard(conn)
