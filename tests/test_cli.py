@@ -21,11 +21,13 @@ def test_status_and_history(etcd, client: tenure.Client, service: str, capsys: p
 
     assert cli.main(["--endpoints", endpoints, "status", service]) == 0
     out = capsys.readouterr().out
-    assert f"{service}: leader db1 (token {second.token}" in out and "host=db1" in out
+    assert f"verdict: OK: db1 leads (token {second.token})" in out
+    assert any(line.split()[:2] == ["db1", "leader"] and str(second.token) in line.split() for line in out.splitlines())
 
     assert cli.main(["--endpoints", endpoints, "status", service, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report[0]["leader"]["token"] == second.token
+    assert report["services"][0]["leader"]["token"] == second.token
+    assert report["services"][0]["primary"] == "db1"
 
     assert cli.main(["--endpoints", endpoints, "history", service, "--json"]) == 0
     history = json.loads(capsys.readouterr().out)
@@ -34,7 +36,7 @@ def test_status_and_history(etcd, client: tenure.Client, service: str, capsys: p
 
     second.resign()
     assert cli.main(["--endpoints", endpoints, "status", service]) == 3  # no leader: non-zero for scripts
-    assert "NO LEADER" in capsys.readouterr().out
+    assert "NO PRIMARY" in capsys.readouterr().out
     election.close()
 
 
@@ -43,9 +45,23 @@ def test_cli_reports_bad_endpoint_clearly(capsys: pytest.CaptureFixture[str]) ->
     assert "ConfigError: malformed etcd endpoint 'localhost:2379'" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end() -> None:
+def test_user_mistakes_are_one_line_without_traceback(etcd, service: str,  # type: ignore[no-untyped-def]
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    endpoints = ",".join(etcd.endpoints)
+    for argv, text in ((["status", "no such"], "invalid service name"),
+                       (["history", "nosuch-svc"], "has no keys"),
+                       (["pause", "nosuch-svc"], "has no keys"),
+                       (["switchover", "nosuch-svc"], "has no keys"),
+                       (["switchover", service, "--at", "tomorrow-ish"], "--at"),
+                       (["restart", "nosuch-member"], "no live member")):
+        assert cli.main(["--endpoints", endpoints, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert text in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_election_demo_runs_end_to_end() -> None:
     out = io.StringIO()
-    assert demo.run(ttl=2, out=out) == 0, out.getvalue()
+    assert demo.run(ttl=2, out=out, election=True) == 0, out.getvalue()
     text = out.getvalue()
     assert "tokens strictly increased: True; deposed leader fenced: True" in text
     assert "is_valid() = False" in text

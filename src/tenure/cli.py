@@ -1,4 +1,4 @@
-"""The ``tenure`` command: status, history, sidecar, pg (write guard) and demo.
+"""The ``tenure`` command: status, history, pause/resume, switchover, restart, sidecar, pg (write guard), demo.
 
 Every command reaches etcd the same way as the sidecar: ``--endpoints``,
 ``--ca-cert``, ``--cert``, ``--key``, ``--user`` and ``--password-file``, or
@@ -20,7 +20,7 @@ from typing import Any
 
 from . import connect, records
 from .election import Election
-from .errors import TenureError
+from .errors import ConfigError, TenureError, UnknownService
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 
@@ -90,44 +90,150 @@ def connection_settings(args: argparse.Namespace, env: Any = None) -> dict[str, 
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``tenure status [SERVICE]``: a table per service, a verdict each, placement warnings."""
+    from .operations import etcd_placement, service_status
+
     client = connect(**connection_settings(args))
+    if args.service:
+        records.check_name("service", args.service)
     services = [args.service] if args.service else _services(client)
-    report = []
-    for name in services:
-        e = Election(client, name, member="tenure-cli")
-        leader = e.leader()
-        report.append({
-            "service": name,
-            "leader": None if leader is None else {
-                "member": leader.member, "token": leader.token, "since": leader.since, "value": leader.value},
-            "candidates": e.candidates(),
-        })
+    report = [service_status(client, name) for name in services]
+    if args.service and not report[0]["exists"]:
+        raise UnknownService(f"service {args.service!r} has no keys under {client.namespace}")
+    zones = [z for z in (args.etcd_zones or "").split(",") if z]
+    etcd_warnings = etcd_placement(connection_settings(args)["endpoints"], zones)
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    if not report:
-        print(f"no services under {client.namespace}")
-    for r in report:
-        lead = r["leader"]
-        head = (f"leader {lead['member']} (token {lead['token']}, since {_when(lead['since'])})"
-                if lead else "NO LEADER")
-        print(f"{r['service']}: {head}")
-        for c in r["candidates"]:
-            mark = "*" if lead and c["member"] == lead["member"] else " "
-            print(f"  {mark} {c['member']:<20} ttl {c.get('ttl', '?')} s  {json.dumps(c.get('value'))}")
-    return 0 if all(r["leader"] for r in report) else 3
+        print(json.dumps({"services": report, "etcd": {"warnings": etcd_warnings}}, indent=2, default=str))
+    else:
+        if not report:
+            print(f"no services under {client.namespace}")
+        for r in report:
+            _print_service(r)
+        for w in etcd_warnings:
+            print(f"warning: {w}")
+    return 0 if all(r["primary"] for r in report) else 3
+
+
+_COLUMNS = (("member", "member"), ("role", "role"), ("healthy", "healthy"), ("lag_bytes", "lag B"),
+            ("lag_seconds", "lag s"), ("timeline", "tl"), ("zone", "zone"), ("token", "token"),
+            ("lease_left", "lease"), ("sync", "sync"), ("paused", "paused"))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _print_service(r: dict[str, Any]) -> None:
+    print(f"{r['service']}")
+    rows = [[_cell(m.get(k)) for k, _ in _COLUMNS] for m in r["members"]]
+    head = [h for _, h in _COLUMNS]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    for row in [head, *rows]:
+        print("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
+    print(f"  verdict: {r['verdict']}")
+    for w in r["warnings"]:
+        print(f"  warning: {w}")
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    """``tenure history SERVICE``: the terms, oldest first."""
     client = connect(**connection_settings(args))
+    records.check_name("service", args.service)
     terms = Election(client, args.service, member="tenure-cli").history(args.limit)
+    if not terms and not _services_has(client, args.service):
+        raise UnknownService(f"service {args.service!r} has no keys under {client.namespace}")
     if args.json:
         print(json.dumps([t.__dict__ for t in terms], indent=2))
         return 0
-    print(f"{'token':>8}  {'member':<16} {'start':<24} {'end':<24} reason")
+    print(f"{'token':>8}  {'member':<16} {'start':<24} {'end':<24} why")
     for t in terms:
         print(f"{t.token:>8}  {t.member:<16} {_when(t.start):<24} {_when(t.end) if t.end else 'current':<24} "
               f"{t.reason or ''}")
+    return 0
+
+
+def _services_has(client: Any, service: str) -> bool:
+    kvs, _ = client.get_prefix(records.service_prefix(service))
+    return bool(kvs)
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """``tenure pause|resume SERVICE``: maintenance mode on or off."""
+    from . import maintenance
+
+    client = connect(**connection_settings(args))
+    records.check_name("service", args.service)
+    if not _services_has(client, args.service):
+        raise UnknownService(f"service {args.service!r} has no keys under {client.namespace}")
+    if args.command == "pause":
+        rec = maintenance.pause(client, args.service, args.reason or "")
+        out = {"service": args.service, "paused": True, "since": rec.since}
+        text = f"{args.service}: paused (no automatic failover until `tenure resume {args.service}`)"
+    else:
+        was = maintenance.resume(client, args.service)
+        out = {"service": args.service, "paused": False, "was_paused": was}
+        text = f"{args.service}: resumed" if was else f"{args.service}: was not paused"
+    print(json.dumps(out) if args.json else text)
+    return 0
+
+
+def _parse_at(text: str | None) -> float | None:
+    """``--at``: ISO 8601 (UTC unless it says otherwise) or HH:MM[:SS] UTC, today or else tomorrow."""
+    if not text:
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        if len(text) <= 8 and ":" in text:
+            t = datetime.time.fromisoformat(text)
+            when = now.replace(hour=t.hour, minute=t.minute, second=t.second, microsecond=0)
+            if when < now:
+                when += datetime.timedelta(days=1)
+        else:
+            when = datetime.datetime.fromisoformat(text)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        raise ConfigError(f"--at {text!r}: use ISO 8601 (2026-12-01T23:00:00Z) or HH:MM (UTC)") from None
+    return when.timestamp()
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    """``tenure switchover SERVICE [--to MEMBER] [--at TIME]``: a planned handover with no lost write."""
+    from .operations import switchover
+
+    client = connect(**connection_settings(args))
+    records.check_name("service", args.service)
+    if args.to:
+        records.check_name("member", args.to)
+    result = switchover(client, args.service, target=args.to, at=_parse_at(args.at), timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result["state"] == "scheduled":
+        print(f"{args.service}: switchover from {result['from']} to {result['to']} scheduled at {_when(result['at'])}")
+    else:
+        print(f"{args.service}: {result['to']} is primary (token {result['token']}); {result['from']} handed over "
+              f"in {result['seconds']:.2f} s (no primary for {result['gap']:.2f} s)")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """``tenure restart MEMBER``: restart a node's server, switching over first if it is the primary."""
+    from .operations import restart
+
+    client = connect(**connection_settings(args))
+    records.check_name("member", args.member)
+    result = restart(client, args.member, service=args.service, services=_services(client), timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        first = (f"switched over to {result['switchover']['to']} first, then " if result.get("switchover") else "")
+        print(f"{result['service']}/{args.member}: {first}restarted; streaming again after {result['seconds']:.1f} s")
     return 0
 
 
@@ -163,7 +269,47 @@ def cmd_pg_guard(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .lab.demo import run
 
-    return run(ttl=args.ttl)
+    return run(ttl=args.ttl, election=args.election)
+
+
+def _add_operator_commands(sub: Any) -> None:
+    s = sub.add_parser("status", help="each service's members, primary, lag, lease and placement; a verdict")
+    s.add_argument("service", nargs="?")
+    s.add_argument("--etcd-zones", default=os.environ.get("TENURE_ETCD_ZONES", ""),
+                   help="zones of the etcd members, comma-separated (default: $TENURE_ETCD_ZONES)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    h = sub.add_parser("history", help="the terms of a service: token, member, start, end, why it ended")
+    h.add_argument("service")
+    h.add_argument("--limit", type=int, default=20)
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_history)
+
+    for name, text in (("pause", "maintenance mode: no automatic failover (the primary keeps serving)"),
+                       ("resume", "leave maintenance mode")):
+        pz = sub.add_parser(name, help=text)
+        pz.add_argument("service")
+        if name == "pause":
+            pz.add_argument("--reason", default="")
+        pz.add_argument("--json", action="store_true")
+        pz.set_defaults(fn=cmd_pause, reason="")
+
+    sw = sub.add_parser("switchover", help="planned handover of the primary to a caught-up standby, no lost write")
+    sw.add_argument("service")
+    sw.add_argument("--to", metavar="MEMBER", help="the new primary (default: the best caught-up standby)")
+    sw.add_argument("--at", metavar="TIME", help="when: ISO 8601 or HH:MM, UTC (default: now)")
+    sw.add_argument("--timeout", type=float, default=10.0,
+                    help="give up after this many seconds, leaving everything as it was (default %(default)s)")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_switchover)
+
+    rs = sub.add_parser("restart", help="restart a member's server; a primary is switched over first")
+    rs.add_argument("member")
+    rs.add_argument("--service", help="the member's service (default: the one service that has it)")
+    rs.add_argument("--timeout", type=float, default=60.0)
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(fn=cmd_restart)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,16 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("status", help="leader and candidates of each service")
-    s.add_argument("service", nargs="?")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_status)
-
-    h = sub.add_parser("history", help="past terms of a service")
-    h.add_argument("service")
-    h.add_argument("--limit", type=int, default=20)
-    h.add_argument("--json", action="store_true")
-    h.set_defaults(fn=cmd_history)
+    _add_operator_commands(sub)
 
     sc = sub.add_parser("sidecar", help="run beside a PostgreSQL server: elect, promote, fence, rejoin")
     sc.add_argument("--config", required=True, help="TOML file (see examples/sidecar-postgres.toml)")
@@ -202,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             a.add_argument("--all", action="store_true", help="remove every guard object")
         a.set_defaults(fn=cmd_pg_guard, table=[], schema=None, all=False)
 
-    d = sub.add_parser("demo", help="start a local etcd and three candidates, kill the leader, print the timeline")
+    d = sub.add_parser("demo", help="local etcd + 3 PostgreSQL nodes + a web app: a crash, then a planned switchover")
     d.add_argument("--ttl", type=int, default=2)
+    d.add_argument("--election", action="store_true", help="the election-only demo (no PostgreSQL)")
     d.set_defaults(fn=cmd_demo)
 
     args = p.parse_args(argv)
@@ -214,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except TenureError as e:
         print(f"tenure: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tenure: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -439,6 +439,11 @@ class Client:
             raise EtcdError(f"lease grant failed: {resp.error}")
         return Lease(resp.ID, resp.TTL)
 
+    def time_to_live(self, lease_id: int) -> int:
+        """Whole seconds left on a lease as etcd sees it (truncated); -1 if the lease is gone."""
+        resp = self._unary(rpc_grpc.LeaseStub, "LeaseTimeToLive", rpc.LeaseTimeToLiveRequest(ID=int(lease_id)))
+        return int(resp.TTL)
+
     def keepalive(self, lease_id: int, *, timeout: float | None = None, retry_for: float | None = None) -> int:
         """Renew a lease once; return the TTL etcd reset it to (0: the lease is gone)."""
         def once(channel: grpc.Channel, per_try: float) -> int:

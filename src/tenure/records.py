@@ -13,6 +13,9 @@ key                            record                                      bound
 ``history/<token:020d>``       :class:`Term`                               nothing (kept, trimmed)
 ``primary``                    :class:`PrimaryRecord`                      the leader's lease
 ``members/<member>``           :class:`MemberRecord`                       the member's own lease
+``pause``                      :class:`PauseRecord`                        nothing (until resumed)
+``switchover``                 :class:`SwitchoverRecord`                   nothing (has a deadline)
+``restart/<member>``           :class:`RestartRecord`                      nothing (has a deadline)
 =============================  ==========================================  =====================
 
 Each record type has ``encode() -> bytes`` and ``decode(bytes)``; decode
@@ -90,6 +93,18 @@ def members_prefix(service: str) -> str:
 
 def member_key(service: str, member: str) -> str:
     return members_prefix(service) + member
+
+
+def pause_key(service: str) -> str:
+    return service_prefix(service) + "pause"
+
+
+def switchover_key(service: str) -> str:
+    return service_prefix(service) + "switchover"
+
+
+def restart_key(service: str, member: str) -> str:
+    return service_prefix(service) + "restart/" + member
 
 
 def split_service_key(key: str) -> tuple[str, str] | None:
@@ -323,3 +338,75 @@ class MemberRecord:
             value = getattr(self, name)
             return default if value is None else value
         return self.extra.get(name, default)
+
+
+@dataclass(frozen=True)
+class PauseRecord:
+    """Maintenance mode: while this record exists no member campaigns on its own (the primary keeps serving)."""
+
+    since: float  # wall clock
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "PauseRecord":
+        d = _load("pause", raw)
+        return cls(float(_get("pause", d, "since", (int, float))), _get("pause", d, "reason", str, ""))
+
+
+@dataclass(frozen=True)
+class SwitchoverRecord:
+    """A planned handover from the primary of term ``token`` to ``target``.
+
+    The primary hands over once the wall clock passes ``at``; nobody acts on
+    the record once the wall clock passes ``deadline`` (then everything stays
+    as it was). While it is in force only ``target`` campaigns.
+    """
+
+    target: str
+    token: int  # the term being handed over
+    at: float
+    deadline: float
+    requested: float = 0.0
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "SwitchoverRecord":
+        k = "switchover"
+        d = _load(k, raw)
+        target = _get(k, d, "target", str)
+        if not _NAME.match(target):
+            raise MalformedRecord(f"malformed {k} record: 'target' is {target!r}")
+        return cls(target, check_token_field(k, d), float(_get(k, d, "at", (int, float))),
+                   float(_get(k, d, "deadline", (int, float))), float(_get(k, d, "requested", (int, float), 0.0)))
+
+    def in_force(self, now: float) -> bool:
+        """Whether the request still stands at wall-clock ``now``."""
+        return now < self.deadline
+
+    def due(self, now: float) -> bool:
+        """Whether the primary should hand over now."""
+        return self.at <= now < self.deadline
+
+
+@dataclass(frozen=True)
+class RestartRecord:
+    """A request that ``member``'s sidecar restart its server (as a standby) once, before ``deadline``."""
+
+    member: str
+    requested: float
+    deadline: float
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "RestartRecord":
+        k = "restart"
+        d = _load(k, raw)
+        return cls(_get(k, d, "member", str), float(_get(k, d, "requested", (int, float))),
+                   float(_get(k, d, "deadline", (int, float))))

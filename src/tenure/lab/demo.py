@@ -1,10 +1,12 @@
-"""``tenure demo``: a failover you can watch, on a local etcd it starts itself.
+"""The election demo (``tenure demo --election``): leader election and fencing you can watch.
 
 Three candidates for one service run in separate processes against a local
 3-member etcd cluster. The demo kills the leader with SIGKILL, freezes the
 next one with SIGSTOP past its lease, makes the third resign, and prints who
 led, with which fencing token, and how long the service had no leader. It
-stops everything it started before it returns.
+stops everything it started before it returns. ``tenure demo`` runs the full
+demo (:mod:`tenure.lab.fulldemo`) and falls back to this one when PostgreSQL
+is not installed.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def _elected_after(cands: list[CandidateProcess], after: float, timeout: float) 
     raise TimeoutError(f"no new leader within {timeout} s")
 
 
-def run(ttl: int = 2, out: TextIO | None = None) -> int:
-    """Run the demo; return 0 if every step behaved as designed."""
+def run_election(ttl: int = 2, out: TextIO | None = None) -> int:
+    """Run the election demo; return 0 if every step behaved as designed."""
     import sys
 
     out = out or sys.stdout
@@ -118,3 +120,22 @@ def run(ttl: int = 2, out: TextIO | None = None) -> int:
         cluster.stop()
         say(f"stopped the candidates and etcd; candidate logs are in {logs}")
     return 0 if ok else 1
+
+
+def run(ttl: int = 2, out: TextIO | None = None, *, election: bool = False) -> int:
+    """``tenure demo``: the full PostgreSQL demo, or the election demo if asked or PostgreSQL is missing."""
+    import sys
+
+    out = out or sys.stdout
+    if not election:
+        try:
+            from . import fulldemo
+        except ImportError as e:  # psycopg is an extra: pip install 'tenure[postgres]'
+            lacking: str | None = f"{e.name or e} is not installed (pip install 'tenure[postgres]')"
+        else:
+            lacking = fulldemo.missing()
+            if lacking is None:
+                return fulldemo.run(ttl=ttl, out=out)
+        out.write(f"tenure demo: the PostgreSQL demo needs what is missing here: {lacking}.\n"
+                  "Running the election demo instead (etcd only).\n\n")
+    return run_election(ttl=ttl, out=out)

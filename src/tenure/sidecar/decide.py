@@ -77,3 +77,18 @@ def clears_fence(timeline: int | None, position: int, fence: Term | None, error:
     if position < fence.start_position:
         return False, f"stale: position {position} < {fence.start_position} where term {fence.token} started"
     return True, f"holds term {fence.token}'s start"
+
+
+def may_campaign(member: str, *, paused: bool, switchover_target: str | None) -> tuple[bool, str]:
+    """Whether operator requests let this member campaign now, and why not.
+
+    A switchover in force lets only its target campaign (paused or not: a
+    planned handover is the operator's own act); maintenance mode lets nobody.
+    """
+    if switchover_target is not None:
+        if switchover_target == member:
+            return True, "switchover target"
+        return False, f"switchover to {switchover_target} in progress"
+    if paused:
+        return False, "paused: no automatic failover"
+    return True, ""

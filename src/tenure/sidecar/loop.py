@@ -29,14 +29,14 @@ import threading
 import time
 from typing import Any
 
-from .. import connect, records
+from .. import connect, maintenance, records
 from ..election import Election, LeaderInfo, Leadership
 from ..errors import CampaignTimeout, ConfigError, EtcdError, MalformedRecord, TenureError
 from ..etcd import Client
 from ..members import MemberPublisher, read_members
 from ..records import MemberRecord, PrimaryRecord, Term
 from .config import SidecarConfig
-from .decide import Action, Observed, clears_fence, decide, newest_fence
+from .decide import Action, Observed, clears_fence, decide, may_campaign, newest_fence
 from .policy import NodeState, ServicePolicy
 
 log = logging.getLogger("tenure.sidecar")
@@ -90,6 +90,8 @@ class Sidecar:
         self._fence: tuple[Term | None, str | None, float] = (None, "not read yet", 0.0)
         self._lock = threading.Lock()
         self.events: list[dict[str, Any]] = []  # recent decisions, for /status
+        self.paused = False  # maintenance mode, as last read
+        self._restarted = 0.0  # wall-clock request time of the last restart request acted on
 
     # -- what the policy sees of the loop (policy.Host) -------------------------
 
@@ -200,12 +202,16 @@ class Sidecar:
         self.publisher.publish(self.record(st))
         if action is Action.LEAD:
             assert leadership is not None
+            if self._switchover_due(leadership):
+                return self._switch_over(leadership)
             return self._lead(leadership, st)
         if action is Action.WAIT:
             return
         self._learn_from_primary()
         if action is Action.FOLLOW:
             self._vacant_since = None
+            if self._restart_requested():
+                return self._restart()
             return self._follow(st)
         if action is Action.START:
             # Nobody leads and this server is stopped (e.g. demoted when etcd lost quorum):
@@ -345,9 +351,13 @@ class Sidecar:
         return better
 
     def _maybe_campaign(self, st: NodeState) -> None:
+        target = self._operator_allows_campaign()
+        if target is False:
+            self._vacant_since = None
+            return
         ok, why = self._eligible(st)
         now = time.monotonic()
-        if ok and st.role == "standby" and now - self._started < self.ttl:
+        if ok and st.role == "standby" and now - self._started < self.ttl and target != self.member:
             return  # just started: let the primary's own sidecar, perhaps slower to start, claim it first
         if not ok:
             if why != self._not_eligible_why:
@@ -358,7 +368,7 @@ class Sidecar:
         self._not_eligible_why = None
         if self._vacant_since is None:
             self._vacant_since = now
-            rank = self._rank(st)
+            rank = 0 if target == self.member else self._rank(st)
             self._wait_until = now + rank * self.config.grace
             self.note("no leader: will campaign", rank=rank, reason=why)
         if now < self._wait_until:
@@ -399,6 +409,113 @@ class Sidecar:
             self._demote("promotion failed")
             return
         self._lead(leadership, self.policy.status())
+        self._switchover_finished(leadership)
+
+    # -- operator requests: maintenance mode, switchover, restart ----------------
+
+    def _operator_allows_campaign(self) -> str | bool | None:
+        """False if a pause or another member's switchover forbids campaigning; else the switchover target (or None)."""
+        try:
+            pause = maintenance.paused(self.client, self.service)
+            request = maintenance.switchover(self.client, self.service)
+        except EtcdError:
+            return False  # cannot tell: fail closed
+        self.paused = pause is not None
+        target = request.target if request is not None and request.in_force(time.time()) else None
+        ok, why = may_campaign(self.member, paused=self.paused, switchover_target=target)
+        if not ok:
+            if not self.events or self.events[-1].get("reason") != why:
+                self.note("not campaigning", reason=why)
+            return False
+        return target
+
+    def _switchover_due(self, leadership: Leadership) -> bool:
+        try:
+            self.paused = maintenance.paused(self.client, self.service) is not None
+            request = maintenance.switchover(self.client, self.service)
+        except EtcdError:
+            return False
+        if request is None:
+            return False
+        now = time.time()
+        if request.token != leadership.token or not request.in_force(now) or request.target == self.member:
+            if not request.in_force(now) or request.token < leadership.token:
+                with contextlib.suppress(EtcdError):
+                    maintenance.clear_switchover(self.client, self.service)  # stale: not this term's
+            return False
+        return request.due(now)
+
+    def _switch_over(self, leadership: Leadership) -> None:
+        """Hand the term over to the requested target with no lost write, or leave everything as it was.
+
+        The primary key goes first (the web tier holds new writes from then
+        on), then the policy stops writes and waits for the target to hold
+        every one (:meth:`ServicePolicy.hand_over`); only then is the term
+        released, and the target, the only member allowed to campaign while
+        the request stands, takes it. The old server is demoted and rejoins
+        as a standby of the target.
+        """
+        request = maintenance.switchover(self.client, self.service)
+        if request is None:
+            return
+        target = self.members().get(request.target)
+        problem = maintenance.refusal(target)
+        if problem:
+            self.note("switchover refused", target=request.target, reason=problem)
+            maintenance.clear_switchover(self.client, self.service)
+            return
+        self.note("switchover: handing over", target=request.target, token=leadership.token)
+        self.client.delete(records.primary_key(self.service),
+                           guard=(records.leader_key(self.service), leadership.token))
+        self._published_primary = None
+        deadline = time.monotonic() + max(0.0, request.deadline - time.time())
+        handed = False
+        try:
+            handed = self.policy.hand_over(self, leadership, request.target, deadline)
+        finally:
+            if not handed:
+                self.note("switchover timed out: still primary", target=request.target)
+                with contextlib.suppress(EtcdError):
+                    maintenance.clear_switchover(self.client, self.service)
+        if not handed:
+            return
+        leadership.resign()
+        self.note("switchover: term released", target=request.target)
+        self._demote("switchover")  # rejoins as a standby of the target from the next tick
+        # Wait for the target to take the term, so that this stopped server is not started as it was meanwhile.
+        while time.monotonic() < deadline and not self._stop.is_set():
+            leader = self.leader
+            if leader is not None and leader.member == request.target:
+                break
+            self._wake.wait(0.02)
+            self._wake.clear()
+
+    def _switchover_finished(self, leadership: Leadership) -> None:
+        with contextlib.suppress(EtcdError):
+            request = maintenance.switchover(self.client, self.service)
+            if request is not None and request.target == self.member:
+                maintenance.clear_switchover(self.client, self.service)
+                self.note("switchover: took over", token=leadership.token)
+
+    def _restart_requested(self) -> bool:
+        try:
+            request = maintenance.restart_request(self.client, self.service, self.member)
+        except EtcdError:
+            return False
+        return request is not None and request.requested > self._restarted and request.deadline > time.time()
+
+    def _restart(self) -> None:
+        request = maintenance.restart_request(self.client, self.service, self.member)
+        if request is None:
+            return
+        self._restarted = request.requested
+        self.note("restarting the local server on request")
+        try:
+            self.policy.stop()
+            self.policy.start()
+        finally:
+            with contextlib.suppress(EtcdError):
+                maintenance.clear_restart(self.client, self.service, self.member)
 
     def _on_term_lost(self, leadership: Leadership) -> None:
         """At the local deadline (on the keepalive thread, no etcd call): refuse writes now, demote next tick."""
@@ -433,6 +550,7 @@ class Sidecar:
             "token": leadership.token if leadership is not None else None,
             "lease_remaining": leadership.remaining() if leadership is not None else 0.0,
             "eligible": self._eligible(st)[1] if st is not None else None,
+            "paused": self.paused,
             "events": events,
         }
 

@@ -111,6 +111,16 @@ class ServicePolicy(Protocol):
     def final_position(self) -> int | None:
         """After :meth:`stop`: the position a successor must hold to have every acknowledged write."""
 
+    def hand_over(self, host: Host, leadership: "Leadership", target: str, deadline: float) -> bool:
+        """Planned handover to ``target``: stop taking writes, wait until ``target`` holds all of them.
+
+        True once the server refuses writes and ``target`` holds everything
+        it acknowledged (the loop then releases the term at once, so that the
+        target can be promoted, and demotes this server). False if that cannot
+        be done by ``deadline`` (monotonic): the server is then writable
+        again, as it was.
+        """
+
     def learn(self, records: Mapping[str, "MemberRecord"]) -> None:
         """See the other members' records (e.g. the primary's synchronous standbys)."""
 

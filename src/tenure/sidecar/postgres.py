@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ConfigError, TenureError
 from ..services import pg_guard
-from ..services.postgres import NodeStatus, PostgresNode, public_dsn
+from ..services.postgres import NodeStatus, PostgresNode, parse_lsn, public_dsn
 from .config import PostgresConfig
 from .policy import Host, NodeState
 
@@ -358,7 +358,66 @@ class PostgresPolicy:
             self._next_rejoin = time.monotonic() + self.ttl  # e.g. the primary is not up yet
             raise
 
+    # -- planned handover -------------------------------------------------------
+
+    def hand_over(self, host: Host, leadership: "Leadership", target: str, deadline: float) -> bool:
+        """Let open transactions finish, refuse writes, wait for ``target`` to replay every commit.
+
+        Open transactions get until a quarter of the time left (at most
+        1 s) to finish: the web tier stops starting new ones once the primary key
+        is gone. If ``target`` has not replayed up to the primary's last WAL
+        position by ``deadline``, writes are allowed again and False returned.
+        """
+        drain_until = min(deadline, time.monotonic() + min(1.0, max(0.0, deadline - time.monotonic()) / 4))
+        try:
+            with self.node.connect() as conn:
+                streaming = conn.execute("SELECT count(*) FROM pg_stat_replication WHERE application_name = %s"
+                                         " AND state = 'streaming'", (target,)).fetchone()
+                if not streaming or not streaming[0]:
+                    host.note("switchover refused: target not streaming from this primary", target=target)
+                    return False  # nothing was changed yet: writes go on
+                while time.monotonic() < drain_until and _open_transactions(conn) > 0:
+                    time.sleep(0.005)
+                pg_guard.expire_guard(conn)
+                conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+                conn.execute("SELECT pg_reload_conf()")
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                             " AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')")
+                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+                assert row is not None
+                final = parse_lsn(row[0])
+                while True:
+                    caught = conn.execute(
+                        "SELECT count(*) FROM pg_stat_replication WHERE application_name = %s"
+                        " AND state = 'streaming' AND replay_lsn >= %s::pg_lsn", (target, row[0])).fetchone()
+                    if caught and caught[0]:
+                        break
+                    if time.monotonic() >= deadline:
+                        host.note("switchover: target did not catch up", target=target, position=final)
+                        self._resume_after_hand_over(leadership)
+                        return False
+                    time.sleep(0.002)
+            host.note("switchover: target caught up", target=target, position=final)
+            return True
+        except Exception as e:
+            log.error("switchover to %s failed: %s; writable again", target, e)
+            self._resume_after_hand_over(leadership)
+            return False
+
+    def _resume_after_hand_over(self, leadership: "Leadership") -> None:
+        if not self.node.is_running():
+            self.node.start()
+        self.node.allow_writes()
+        self._renew_guard(leadership)
+
     def snapshot(self) -> dict[str, Any]:
         st = self.last_status
         return {"postgres": asdict(st) if st is not None else None, "synchronous_standbys": self.sync_names}
 
+
+def _open_transactions(conn: Any) -> int:
+    """Client backends other than this one inside a transaction (reads included: they may be about to write)."""
+    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                       " AND pid <> pg_backend_pid() AND xact_start IS NOT NULL").fetchone()
+    return int(row[0]) if row else 0

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..errors import ConfigError, PrimaryUnavailable, ReadOnly, TenureError
+from . import hold as holding
 
 if TYPE_CHECKING:
     import psycopg
@@ -42,6 +43,10 @@ class PostgresProvider:
     standby, moving to the next when one cannot be reached (after at most
     0.5 s while others remain).
 
+    While the service has no primary (a switchover or failover in progress),
+    a new write waits up to ``hold`` s for the next one before raising
+    ReadOnly; a write whose outcome is unknown is never retried.
+
     ``timeout`` bounds the wait for a connection (s); a server that could not
     be reached is skipped for ``cooldown`` s, so requests during a failover
     fail fast rather than each wait. ``kwargs`` go to ``psycopg.connect``;
@@ -50,7 +55,7 @@ class PostgresProvider:
 
     def __init__(self, view: "ServiceView", *, timeout: float = 2.0, cooldown: float = 1.0, min_size: int = 1,
                  max_size: int = 4, kwargs: Mapping[str, Any] | None = None, pool: Mapping[str, Any] | None = None,
-                 prewarm: bool = True) -> None:
+                 prewarm: bool = True, hold: float = holding.DEFAULT_HOLD) -> None:
         try:
             from psycopg_pool import ConnectionPool  # noqa: F401
         except ImportError:
@@ -59,6 +64,7 @@ class PostgresProvider:
             raise ConfigError(f"bad pool settings: timeout={timeout}, cooldown={cooldown}, "
                               f"min_size={min_size}, max_size={max_size}")
         self.view = view
+        self.hold = holding.check_hold(hold)  # how long a new write waits for a primary during a change
         self.timeout = float(timeout)
         self.cooldown = float(cooldown)
         self._sizes = (min_size, max_size)
@@ -84,6 +90,8 @@ class PostgresProvider:
         if p is None and self.view.peek().exists is None:
             self.view.ready(self.timeout)  # first use in this process: its view is milliseconds away
             p = self.view.primary
+        if p is None:
+            p = holding.wait_for_primary(self.view, self.hold)
         if p is None:
             if self.view.exists is False:
                 raise self.view.unknown_error()
@@ -213,6 +221,8 @@ class PostgresProvider:
                     self._write = None
             log.info("%s: primary changed from token %d: closing its pool", view.name, cur[0])
             self._close_later(cur[2])
+        if p is not None and (cur is None or p.token != cur[0]):
+            self._down.pop(p.dsn, None)  # a new term on a server deserves a fresh try, whatever its past
         if (p is not None and p.token is not None and self._prewarm and cur is not None and p.token != cur[0]
                 and view.valid_primary() is not None):
             # A process that writes will write again: have connections ready on the new primary.

@@ -3,9 +3,10 @@
 ``ReadOnlyMiddleware(app, router, service="db")``: every request gets
 ``environ["tenure.read_only"]`` (a bool, for a banner) and
 ``environ["tenure.view"]`` (the :class:`~tenure.web.router.ServiceView`); while the
-service is read-only, unsafe methods (POST, PUT, PATCH, DELETE) get
-``503 Service Unavailable`` with ``Retry-After`` and a configurable body
-without reaching the application. Reads always pass through. A
+service is read-only, unsafe methods (POST, PUT, PATCH, DELETE) wait up to
+``hold`` seconds for a new primary (a switchover or failover in progress) and
+then get ``503 Service Unavailable`` with ``Retry-After`` and a configurable
+body without reaching the application. Reads always pass through. A
 :class:`~tenure.errors.ReadOnly` raised by the application (for instance by
 ``router.postgres(...).write()`` when the primary turned out to be gone) gets
 the same 503, as long as the response has not started.
@@ -18,6 +19,7 @@ import sys
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import ConfigError, ReadOnly
+from . import hold as holding
 from .router import Router
 
 log = logging.getLogger("tenure.web")
@@ -43,12 +45,13 @@ class ReadOnlyMiddleware:
     ``content_type`` make the 503 page. ``first_wait``: a new worker process
     waits up to this long, once, for its first view of the service before
     answering, so that the first requests after a fork are not refused only
-    because the view is a few milliseconds old.
+    because the view is a few milliseconds old. ``hold``: how long a write
+    waits for a new primary while the service has none (0: refuse at once).
     """
 
     def __init__(self, app: WSGIApp, router: Router, service: str = "db", *, retry_after: int = 5,
                  body: str | bytes = DEFAULT_BODY, content_type: str = "text/html; charset=utf-8",
-                 first_wait: float = 1.0) -> None:
+                 first_wait: float = 1.0, hold: float = holding.DEFAULT_HOLD) -> None:
         if not callable(app):
             raise ConfigError(f"ReadOnlyMiddleware needs a WSGI callable, got {app!r}")
         if not isinstance(router, Router):
@@ -65,6 +68,7 @@ class ReadOnlyMiddleware:
         self.headers = [("Content-Type", content_type), ("Content-Length", str(len(self.body))),
                         ("Retry-After", str(retry_after)), ("Cache-Control", "no-store")]
         self.first_wait = first_wait
+        self.hold = holding.check_hold(hold)  # how long a new write waits for a primary during a change
         self._waited_gen = -2  # the view's fork generation when this process last waited (-1: view not started)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -75,7 +79,9 @@ class ReadOnlyMiddleware:
         environ["tenure.read_only"] = read_only
         environ["tenure.view"] = view
         if read_only and environ.get("REQUEST_METHOD", "GET").upper() in UNSAFE_METHODS:
-            return self._refuse(start_response, None)
+            if holding.wait_for_primary(view, self.hold) is None:
+                return self._refuse(start_response, None)
+            environ["tenure.read_only"] = False
         try:
             return self.app(environ, start_response)
         except ReadOnly as e:
