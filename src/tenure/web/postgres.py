@@ -3,6 +3,8 @@
 :class:`PostgresProvider` (from :meth:`tenure.web.Router.postgres`) follows a
 service's :class:`~tenure.web.router.ServiceView`: one pool per term for
 writes, one per replica for reads, closed when the term or the replica goes.
+``driver="psycopg"`` (psycopg 3 with psycopg_pool, the default) or
+``driver="psycopg2"`` (with :class:`tenure.web.pg2.Pool`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..errors import ConfigError, PrimaryUnavailable, ReadOnly, TenureError
 from . import hold as holding
+from .dberrors import is_connection_error, is_read_only_error
 
 if TYPE_CHECKING:
     import psycopg
@@ -49,17 +52,30 @@ class PostgresProvider:
 
     ``timeout`` bounds the wait for a connection (s); a server that could not
     be reached is skipped for ``cooldown`` s, so requests during a failover
-    fail fast rather than each wait. ``kwargs`` go to ``psycopg.connect``;
-    ``pool`` to ``ConnectionPool``.
+    fail fast rather than each wait. ``kwargs`` go to the driver's
+    ``connect``; ``pool`` to ``ConnectionPool`` (psycopg 3 only).
     """
 
     def __init__(self, view: "ServiceView", *, timeout: float = 2.0, cooldown: float = 1.0, min_size: int = 1,
                  max_size: int = 4, kwargs: Mapping[str, Any] | None = None, pool: Mapping[str, Any] | None = None,
-                 prewarm: bool = True, hold: float = holding.DEFAULT_HOLD) -> None:
-        try:
-            from psycopg_pool import ConnectionPool  # noqa: F401
-        except ImportError:
-            raise ConfigError("router.postgres() needs psycopg_pool: pip install 'tenure[postgres]'") from None
+                 prewarm: bool = True, hold: float = holding.DEFAULT_HOLD,
+                 driver: str = "psycopg") -> None:
+        if driver == "psycopg":
+            try:
+                from psycopg_pool import PoolClosed, PoolTimeout
+            except ImportError:
+                raise ConfigError("router.postgres() needs psycopg_pool: pip install 'tenure[postgres]'") from None
+            self._pool_errors: tuple[type[Exception], type[Exception]] = (PoolTimeout, PoolClosed)
+        elif driver == "psycopg2":
+            from . import pg2
+
+            pg2.import_psycopg2()
+            if pool:
+                raise ConfigError("pool settings apply to psycopg_pool only, not to driver='psycopg2'")
+            self._pool_errors = (pg2.PoolTimeout, pg2.PoolClosed)
+        else:
+            raise ConfigError(f"driver must be 'psycopg' or 'psycopg2', got {driver!r}")
+        self.driver = driver
         if timeout <= 0 or cooldown < 0 or not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigError(f"bad pool settings: timeout={timeout}, cooldown={cooldown}, "
                               f"min_size={min_size}, max_size={max_size}")
@@ -83,8 +99,7 @@ class PostgresProvider:
     @contextmanager
     def write(self) -> Iterator["psycopg.Connection[Any]"]:
         """A connection to the current primary, committed on success, rolled back on error."""
-        import psycopg
-        from psycopg_pool import PoolClosed, PoolTimeout
+        PoolTimeout, PoolClosed = self._pool_errors
 
         p = self.view.primary
         if p is None and self.view.peek().exists is None:
@@ -111,12 +126,12 @@ class PostgresProvider:
         except PoolClosed as e:  # the term ended while this write waited for a connection
             raise PrimaryUnavailable(f"{self.view.name}: the term of {p.member} (token {p.token}) ended "
                                      "while waiting for a connection") from e
-        except psycopg.errors.ReadOnlySqlTransaction as e:
-            # The deposed primary's guard (or a demoted server) refused: nothing was written.
-            raise PrimaryUnavailable(f"{self.view.name}: {p.member} (token {p.token}) refused the write "
-                                     f"as read-only: {e}") from e
-        except psycopg.OperationalError as e:
-            if _broken(e):
+        except Exception as e:
+            if is_read_only_error(e):
+                # The deposed primary's guard (or a demoted server) refused: nothing was written.
+                raise PrimaryUnavailable(f"{self.view.name}: {p.member} (token {p.token}) refused the write "
+                                         f"as read-only: {e}") from e
+            if is_connection_error(e):
                 self._mark_down(p.dsn)
                 raise PrimaryUnavailable(f"{self.view.name}: lost the connection to primary {p.member} "
                                          f"(token {p.token}): {e}") from e
@@ -142,7 +157,7 @@ class PostgresProvider:
     @contextmanager
     def read(self) -> Iterator["psycopg.Connection[Any]"]:
         """A connection to a replica (or the primary, or any healthy standby), for reads."""
-        from psycopg_pool import PoolClosed, PoolTimeout
+        PoolTimeout, PoolClosed = self._pool_errors
 
         candidates = self._read_candidates()
         if not candidates and self.view.peek().exists is None:
@@ -198,6 +213,11 @@ class PostgresProvider:
     # -- pools ----------------------------------------------------------------------
 
     def _new_pool(self, dsn: str, name: str) -> "ConnectionPool":
+        if self.driver == "psycopg2":
+            from .pg2 import Pool
+
+            return Pool(dsn, min_size=self._sizes[0], max_size=self._sizes[1], name=name,  # type: ignore[return-value]
+                        kwargs=dict(self._kwargs))
         from psycopg_pool import ConnectionPool
 
         args = {"min_size": self._sizes[0], "max_size": self._sizes[1], "name": name,
@@ -264,8 +284,4 @@ def _close_pool(pool: "ConnectionPool") -> None:
     except Exception:
         log.exception("closing pool %s", pool.name)
 
-
-def _broken(e: Exception) -> bool:
-    """True if the error left its connection unusable (server gone), as opposed to a query error."""
-    return getattr(e, "sqlstate", None) is None or str(getattr(e, "sqlstate", "")).startswith(("08", "57P"))
 

@@ -386,33 +386,29 @@ class Router:
         _ROUTERS.add(self)
 
     @classmethod
-    def from_config(cls, source: str | Mapping[str, Any]) -> "Router":
-        """A router from a TOML file (path) or a dict with an ``[etcd]`` table and an optional ``[router]`` table.
+    def from_config(cls, source: str | Mapping[str, Any], section: str | None = None) -> "Router":
+        """A router from a TOML or YAML file (path) or a mapping, e.g. a section of ``openlibrary.yml``.
 
-        ``[etcd]`` is the sidecar's table (endpoints, namespace, timeout,
-        TLS files, user and password); ``[router]`` takes ``stale_after``.
+        The settings: an ``etcd`` table (the sidecar's: endpoints, namespace,
+        timeout, TLS files, user and password), an optional ``router`` table
+        (``stale_after``) and an optional ``web`` table, left to
+        :func:`tenure.web.webpy.web_settings`. ``section`` names the table of
+        the file or mapping that holds them (``"tenure"``). A ``.yml`` or
+        ``.yaml`` path is read with PyYAML, anything else as TOML.
         """
-        import tomllib
-
-        if isinstance(source, str):
-            try:
-                with open(source, "rb") as f:
-                    data: Mapping[str, Any] = tomllib.load(f)
-            except OSError as e:
-                raise ConfigError(f"cannot read router config {source}: {e.strerror}") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"router config {source} is not valid TOML: {e}") from None
-        elif isinstance(source, Mapping):
-            data = source
-        else:
-            raise ConfigError(f"from_config needs a path or a mapping, got {type(source).__name__}")
-        unknown = sorted(set(data) - {"etcd", "router"})
+        data = load_settings(source)
+        if section is not None:
+            if not isinstance(data.get(section), Mapping):
+                raise ConfigError(f"router config has no {section!r} table")
+            data = data[section]
+        unknown = sorted(set(data) - {"etcd", "router", "web"})
         if unknown:
-            raise ConfigError(f"unknown section(s) in router config: {', '.join(unknown)} (known: etcd, router)")
+            raise ConfigError(f"unknown section(s) in router config: {', '.join(map(str, unknown))} "
+                              "(known: etcd, router, web)")
         if "etcd" not in data:
             raise ConfigError("router config needs an [etcd] table with endpoints")
         etcd = parse_etcd_section(data["etcd"])
-        router = data.get("router", {})
+        router = data.get("router") or {}
         if not isinstance(router, Mapping) or set(router) - {"stale_after"}:
             raise ConfigError(f"[router] takes only stale_after, got {dict(router) if isinstance(router, Mapping) else router!r}")
         return cls(etcd.endpoints, namespace=etcd.namespace, timeout=etcd.timeout,
@@ -556,6 +552,40 @@ class Router:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def load_settings(source: str | Mapping[str, Any]) -> Mapping[str, Any]:
+    """A config file (TOML, or YAML by its extension) or a mapping, as a mapping; ConfigError otherwise."""
+    if isinstance(source, Mapping):
+        return source
+    if not isinstance(source, str):
+        raise ConfigError(f"from_config needs a path or a mapping, got {type(source).__name__}")
+    yaml_file = source.endswith((".yml", ".yaml"))
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read router config {source}: {e.strerror}") from None
+    if yaml_file:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"reading {source} needs PyYAML (pip install pyyaml), "
+                              "or pass the already-loaded section as a mapping") from None
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"router config {source} is not valid YAML: {e}") from None
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"router config {source} is not valid TOML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"router config {source} must hold a table at the top")
+    return data
 
 
 def _after_fork_in_child() -> None:
