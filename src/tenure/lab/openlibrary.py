@@ -418,6 +418,7 @@ class Event:
     at: float
     old: str
     new: str
+    published: float  # when the new primary's record was seen in etcd (polled every 10 ms)
 
 
 def run_faults(lab: OpenLibraryLab, load: Load, kinds: tuple[str, ...] = ("crash", "switchover"),
@@ -446,14 +447,21 @@ def run_faults(lab: OpenLibraryLab, load: Load, kinds: tuple[str, ...] = ("crash
         else:
             cluster.sidecar(old).signal(signal.SIGTERM)
         new = cluster.wait_primary(timeout, not_member=old)["member"]
+        published = time.monotonic()
         for phase in lab.apps:
             wait_until(lambda: any(r.app == phase and r.method == "POST" and r.path.startswith("/items")
                                    and r.start > at and served_by(lab, r) == new for r in load.snapshot()),
                        timeout, f"{phase}: a write on {new} after the {kind}")
         end = time.monotonic() + settle
         wait_until(lambda: time.monotonic() > end, settle + 1, "settling")
-        events.append(Event(kind, at, old, new))
+        events.append(Event(kind, at, old, new, published))
     return events
+
+
+def first_write(lab: OpenLibraryLab, results: list[Result], app: str, ev: Event) -> float:
+    """When this app's first write acknowledged by the new primary after ``ev`` came back."""
+    return min(r.end for r in results if r.app == app and r.path.startswith("/items") and r.status == 200
+               and r.start >= ev.at and served_by(lab, r) == ev.new)
 
 
 def post_gap(lab: OpenLibraryLab, results: list[Result], app: str, ev: Event) -> float:
