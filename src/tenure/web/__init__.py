@@ -7,7 +7,12 @@
 * :class:`RingClient` (:mod:`tenure.web.memcache`, from
   ``router.memcache(service)``) -- a memcached ring over the live members;
 * :class:`ReadOnlyMiddleware` (:mod:`tenure.web.wsgi`) -- 503 for writes while
-  a service is read-only.
+  a service is read-only, with an allowlist of requests that only read;
+* :mod:`tenure.web.webpy` -- web.py: a 503 processor, ``web.database``
+  objects that follow the primary or read from replicas;
+* :mod:`tenure.web.dberrors` -- what a psycopg 3 or psycopg2 error means
+  (read-only, unavailable, neither); :mod:`tenure.web.health` -- ``/health``;
+  :mod:`tenure.web.pg2` -- psycopg2 pool and fence helpers.
 
 The web tier reads what sidecars and registrars publish; it never writes to
 etcd.
