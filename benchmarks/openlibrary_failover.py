@@ -36,7 +36,7 @@ EXAMPLES = os.path.join(os.path.dirname(HERE), "examples", "openlibrary")
 
 
 def one_round(workers: int) -> dict[str, dict[str, list[float]]]:
-    lab = OpenLibraryLab(EXAMPLES, workers=workers)
+    lab = OpenLibraryLab(EXAMPLES, workers=workers, env={"OL_LOG_LEVEL": "INFO"})
     out: dict[str, dict[str, list[float]]] = {}
     try:
         lab.warm()
@@ -57,6 +57,14 @@ def one_round(workers: int) -> dict[str, dict[str, list[float]]]:
             fig.setdefault("logins_ok", []).append(sum(r.status == 200 for r in logins))
             fig.setdefault("logins", []).append(len(logins))
             fig.setdefault("get_max", []).append(max(r.end - r.start for r in gets))
+            failed = [r for r in gets if r.status != 200]
+            if failed:  # say why, from the app's own log
+                with open(lab.apps[phase].log_path, errors="replace") as f:
+                    why = sorted({line.split(" INFO ", 1)[1][:160] for line in f
+                                  if " INFO " in line and ("GET" in line or "read" in line)})
+                at = [f"{r.path} {r.start - events[0].at:+.2f}s" for r in failed[:10]]
+                print(f"  {phase}: {len(failed)} GETs not answered 200 (since the crash: {at}); the app said:\n    "
+                      + "\n    ".join(why[:12]), flush=True)
             for ev in events:
                 gap = post_gap(lab, results, phase, ev)
                 t = first_write(lab, results, phase, ev)

@@ -219,6 +219,7 @@ class RoutedDB(web.db.PostgresDB):
         self.first_wait = float(first_wait)
         self._down: dict[str, float] = {}  # dsn -> monotonic time until which it is tried last
         self._targets: dict[str, dict[str, Any]] = {}  # dsn -> its host/port keywords
+        self._last_readable: list[Endpoint] = []  # the last non-empty read_candidates(), for a lapse
 
     def __repr__(self) -> str:
         return f"<RoutedDB {self.view.name} role={self.role} driver={self.driver}>"
@@ -264,7 +265,8 @@ class RoutedDB(web.db.PostgresDB):
 
     def read_candidates(self) -> list[Endpoint]:
         """Where a read would go now, in order: replicas within the lag bound (shuffled), the primary,
-        other healthy members, replicas beyond the bound; servers that refused lately last."""
+        other healthy members, replicas beyond the bound; servers that refused lately last. With
+        nothing readable in the view, the servers last seen readable."""
         state = self.view.peek()
         self.view.readable  # noqa: B018 -- starts the view in a new process
         readable, n = list(state.readable), len(state.replicas)
@@ -279,6 +281,12 @@ class RoutedDB(web.db.PostgresDB):
             (far if lag is not None and lag > self.max_lag_bytes else near).append(r)
         random.shuffle(near)  # spread reads over the replicas
         ordered = near + rest + far
+        if ordered:
+            self._last_readable = ordered
+        else:
+            # Nothing readable in the view: a member's record can lapse while its sidecar is busy
+            # promoting. Reads are read-only sessions, so the servers last seen readable are safe to try.
+            ordered = list(self._last_readable)
         now = _monotonic()
         ordered.sort(key=lambda e: self._down.get(e.dsn, 0.0) > now)  # stable
         return ordered
