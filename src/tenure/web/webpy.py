@@ -407,6 +407,7 @@ class WebSettings:
     retry_after: int = 5
     allow: list[str] = field(default_factory=list)
     health_path: str = "/health"
+    hold: float = 1.0  # seconds a write waits for a new primary while there is none (holds a sync worker)
     databases: dict[str, DatabaseSettings] = field(default_factory=dict)
 
 
@@ -459,5 +460,6 @@ def wsgi(app: "web.application", router: Router, settings: WebSettings | None = 
     """
     s = settings or WebSettings()
     app.add_processor(unavailable_processor(retry_after=s.retry_after))
-    inner = ReadOnlyMiddleware(app.wsgifunc(), router, s.service, retry_after=s.retry_after, allow=s.allow)
+    inner = ReadOnlyMiddleware(app.wsgifunc(), router, s.service, retry_after=s.retry_after, allow=s.allow,
+                               hold=s.hold)
     return HealthMiddleware(inner, router, [s.service], path=s.health_path)
