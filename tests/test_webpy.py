@@ -152,7 +152,7 @@ def test_routed_databases_follow_the_view_read_only_mode_and_health(client: tenu
         params = {"dbn": "postgres", "host": "ignored.invalid", "port": 1, "db": "postgres", "user": "postgres"}
         db = webpy.database(router, service, **params)
         reader = webpy.database(router, service, role="reader", max_lag_bytes=100, **params)
-        psy3 = webpy.database(router, service, role="reader", driver="psycopg", **params)
+        psy3 = webpy.database(router, service, role="reader", driver="psycopg", max_lag_bytes=100, **params)
         for bad in ({"role": "writer"}, {"driver": "mysql"}, {"max_lag_bytes": -1}, {"dbn": "mysql"}):
             with pytest.raises(ConfigError):
                 webpy.database(router, service, **{**params, **bad})

@@ -299,7 +299,7 @@ class OpenLibraryLab:
         extra_env = dict(env or {})
         import yaml
 
-        from .cluster import FailoverCluster
+        from .cluster import APP_DB, FailoverCluster
 
         self.examples = examples
         self.workdir = tempfile.mkdtemp(prefix="tenure-ol-")
@@ -324,7 +324,7 @@ class OpenLibraryLab:
             self.haproxy = Haproxy(cfg, self.workdir)
             self.ports = {n.port: n.name for n in self.cluster.pg.nodes}  # PostgreSQL port -> lab member
 
-            local_db = {"database": "postgres", "user": "postgres"}
+            local_db = {"database": APP_DB, "user": "postgres"}
             p1 = yaml.safe_load(self._read("openlibrary.phase1.yml"))
             p1["db_parameters"].update(local_db, host="127.0.0.1", port=self.binds["ol_db_primary"])
             p1["read_db_parameters"].update(local_db, host="127.0.0.1", port=self.binds["ol_db_replicas"])
