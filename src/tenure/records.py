@@ -13,6 +13,8 @@ key                            record                                      bound
 ``history/<token:020d>``       :class:`Term`                               nothing (kept, trimmed)
 ``primary``                    :class:`PrimaryRecord`                      the leader's lease
 ``members/<member>``           :class:`MemberRecord`                       the member's own lease
+``checkpoints/<name>``         :class:`CheckpointRecord` (a singleton      nothing (written
+                               job's progress)                             through the fence)
 =============================  ==========================================  =====================
 
 Each record type has ``encode() -> bytes`` and ``decode(bytes)``; decode
@@ -90,6 +92,14 @@ def members_prefix(service: str) -> str:
 
 def member_key(service: str, member: str) -> str:
     return members_prefix(service) + member
+
+
+def checkpoints_prefix(service: str) -> str:
+    return service_prefix(service) + "checkpoints/"
+
+
+def checkpoint_key(service: str, name: str) -> str:
+    return checkpoints_prefix(service) + check_name("checkpoint", name)
 
 
 def split_service_key(key: str) -> tuple[str, str] | None:
@@ -323,3 +333,28 @@ class MemberRecord:
             value = getattr(self, name)
             return default if value is None else value
         return self.extra.get(name, default)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """How far a singleton job got: ``value`` is the job's own JSON (an offset, a timestamp...).
+
+    ``token`` is the term that wrote it (etcd accepted the write only while
+    that term was current); ``updated`` is wall-clock, for display only.
+    """
+
+    value: Any
+    token: int
+    member: str
+    updated: float = 0.0
+
+    def encode(self) -> bytes:
+        return _dumps({"value": self.value, "token": self.token, "member": self.member, "updated": self.updated})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "CheckpointRecord":
+        d = _load("checkpoint", raw)
+        if "value" not in d:
+            raise MalformedRecord("malformed checkpoint record: no 'value'")
+        return cls(d["value"], check_token_field("checkpoint", d), _get("checkpoint", d, "member", str),
+                   float(_get("checkpoint", d, "updated", (int, float), 0.0)))
