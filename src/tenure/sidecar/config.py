@@ -41,7 +41,7 @@ class SolrConfig:
     core: str = "openlibrary"
     advertise_url: str | None = None  # the core URL clients and followers use (default: base_url/core)
     poll_interval: float = 1.0  # seconds between a follower's fetches from the leader
-    max_lag_generations: int = 2  # a follower further behind may not lead, nor serve reads
+    max_lag_generations: int = 10  # a follower further behind may not lead (each commit is one generation)
     max_replication_age: float = 5.0  # seconds since a follower was last in sync before it stops serving reads
     timeout: float = 2.0
 
