@@ -266,6 +266,38 @@ def cmd_pg_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_singleton(args: argparse.Namespace) -> int:
+    import signal
+
+    from .singleton import Runner, resolve_command, serve_health
+
+    from .errors import ConfigError
+
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    resolve_command(argv)  # a command that does not exist fails here, before etcd is touched
+    address = None
+    if args.listen:
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"--listen must be host:port, got {args.listen!r}")
+        address = (host or "0.0.0.0", int(port))
+    settings = connection_settings(args)
+    client = connect(**settings)
+    endpoints = settings["endpoints"]
+    runner = Runner(client, args.service, args.member, argv, ttl=args.ttl, kill_after=args.kill_after,
+                    once=args.once, endpoints=endpoints if isinstance(endpoints, str) else ",".join(endpoints),
+                    namespace=client.namespace)
+    server = serve_health(runner, address) if address else None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: runner.stop())
+    try:
+        return runner.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+        client.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .lab.demo import run
 
@@ -338,6 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         if action == "remove-guard":
             a.add_argument("--all", action="store_true", help="remove every guard object")
         a.set_defaults(fn=cmd_pg_guard, table=[], schema=None, all=False)
+
+    rs = sub.add_parser("run-singleton", help="run a command on exactly one node: campaign, run, kill it when the term ends")
+    rs.add_argument("--service", required=True, help="the job's name (one election per job)")
+    rs.add_argument("--member", default=os.uname().nodename)
+    rs.add_argument("--ttl", type=int, default=2)
+    rs.add_argument("--kill-after", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    rs.add_argument("--listen", default="", help="host:port for /health, /primary and /status")
+    rs.add_argument("--once", action="store_true", help="exit when the command exits (cron jobs)")
+    rs.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    rs.set_defaults(fn=cmd_run_singleton)
 
     d = sub.add_parser("demo", help="local etcd + 3 PostgreSQL nodes + a web app: a crash, then a planned switchover")
     d.add_argument("--ttl", type=int, default=2)

@@ -16,6 +16,8 @@ key                            record                                      bound
 ``pause``                      :class:`PauseRecord`                        nothing (until resumed)
 ``switchover``                 :class:`SwitchoverRecord`                   nothing (has a deadline)
 ``restart/<member>``           :class:`RestartRecord`                      nothing (has a deadline)
+``checkpoints/<name>``         :class:`CheckpointRecord` (a singleton      nothing (written
+                               job's progress)                             through the fence)
 =============================  ==========================================  =====================
 
 Each record type has ``encode() -> bytes`` and ``decode(bytes)``; decode
@@ -105,6 +107,14 @@ def switchover_key(service: str) -> str:
 
 def restart_key(service: str, member: str) -> str:
     return service_prefix(service) + "restart/" + member
+
+
+def checkpoints_prefix(service: str) -> str:
+    return service_prefix(service) + "checkpoints/"
+
+
+def checkpoint_key(service: str, name: str) -> str:
+    return checkpoints_prefix(service) + check_name("checkpoint", name)
 
 
 def split_service_key(key: str) -> tuple[str, str] | None:
@@ -410,3 +420,27 @@ class RestartRecord:
         d = _load(k, raw)
         return cls(_get(k, d, "member", str), float(_get(k, d, "requested", (int, float))),
                    float(_get(k, d, "deadline", (int, float))))
+
+
+class CheckpointRecord:
+    """How far a singleton job got: ``value`` is the job's own JSON (an offset, a timestamp...).
+
+    ``token`` is the term that wrote it (etcd accepted the write only while
+    that term was current); ``updated`` is wall-clock, for display only.
+    """
+
+    value: Any
+    token: int
+    member: str
+    updated: float = 0.0
+
+    def encode(self) -> bytes:
+        return _dumps({"value": self.value, "token": self.token, "member": self.member, "updated": self.updated})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "CheckpointRecord":
+        d = _load("checkpoint", raw)
+        if "value" not in d:
+            raise MalformedRecord("malformed checkpoint record: no 'value'")
+        return cls(d["value"], check_token_field("checkpoint", d), _get("checkpoint", d, "member", str),
+                   float(_get("checkpoint", d, "updated", (int, float), 0.0)))

@@ -51,11 +51,22 @@ class PostgresConfig:
 
 
 @dataclass(frozen=True)
+class SolrConfig:
+    base_url: str  # e.g. http://127.0.0.1:8983/solr
+    core: str = "openlibrary"
+    advertise_url: str | None = None  # the core URL clients and followers use (default: base_url/core)
+    poll_interval: float = 1.0  # seconds between a follower's fetches from the leader
+    max_lag_generations: int = 10  # a follower further behind may not lead (each commit is one generation)
+    max_replication_age: float = 5.0  # seconds since a follower was last in sync before it stops serving reads
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     service: str
     member: str
     etcd: EtcdConfig
-    postgres: PostgresConfig
+    postgres: PostgresConfig | None
     ttl: int = 2
     zone: str = ""
     priority: int = 0
@@ -65,6 +76,7 @@ class SidecarConfig:
     unhealthy_window: float = 5.0
     etcd_wait: float = 30.0  # seconds etcd may stay unreachable at start before the sidecar gives up
     listen: str = "127.0.0.1:8008"  # HTTP endpoints for haproxy and Prometheus; "" to disable
+    solr: SolrConfig | None = None  # a Solr core instead of PostgreSQL
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -91,6 +103,8 @@ def _check_dsn(dsn: str) -> None:
 def parse_config(data: dict[str, Any]) -> SidecarConfig:
     """Validate a configuration already read from TOML."""
     raw = dict(data)
+    if "solr" in raw:
+        return _parse_solr_config(raw)
     sections = {"etcd", "postgres"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for s in sections:
@@ -129,6 +143,43 @@ def parse_config(data: dict[str, Any]) -> SidecarConfig:
         raise ConfigError(f"etcd_wait must be > 0 seconds, got {cfg.etcd_wait}")
     if not cfg.unhealthy_window > 0:
         raise ConfigError(f"unhealthy_window must be > 0 seconds, got {cfg.unhealthy_window}")
+    if cfg.listen:
+        host, sep, port = cfg.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"listen must be 'host:port', got {cfg.listen!r}")
+    return cfg
+
+
+def _parse_solr_config(raw: dict[str, Any]) -> SidecarConfig:
+    """A sidecar for a Solr core: the ``[solr]`` section instead of ``[postgres]``."""
+    if "postgres" in raw:
+        raise ConfigError("a sidecar runs one service: give [postgres] or [solr], not both")
+    if "etcd" not in raw:
+        raise ConfigError("missing section [etcd]")
+    solr = build_section(SolrConfig, "solr", raw["solr"])
+    from urllib.parse import urlsplit
+
+    for key in ("base_url", "advertise_url"):
+        url = getattr(solr, key)
+        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ConfigError(f"[solr] {key} must be an http(s) URL, got {url!r}")
+    if solr.poll_interval <= 0 or solr.timeout <= 0 or solr.max_replication_age <= 0:
+        raise ConfigError("[solr] poll_interval, timeout and max_replication_age must be > 0")
+    if solr.max_lag_generations < 0:
+        raise ConfigError(f"[solr] max_lag_generations must be >= 0, got {solr.max_lag_generations}")
+    top = {k: v for k, v in raw.items() if k not in ("etcd", "solr")}
+    cfg = build_section(SidecarConfig, "top level",
+                        {**top, "etcd": parse_etcd_section(raw["etcd"]), "postgres": None, "solr": solr})
+    return _check_common(cfg)
+
+
+def _check_common(cfg: SidecarConfig) -> SidecarConfig:
+    check_name("service", cfg.service)
+    check_name("member", cfg.member)
+    if cfg.ttl != int(cfg.ttl) or not 1 <= cfg.ttl <= 3600:
+        raise ConfigError(f"ttl must be whole seconds between 1 and 3600, got {cfg.ttl}")
+    if cfg.grace < 0:
+        raise ConfigError(f"grace must be >= 0, got {cfg.grace}")
     if cfg.listen:
         host, sep, port = cfg.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) < 65536:

@@ -55,9 +55,14 @@ class Sidecar:
         self.service = config.service
         self.member = config.member
         self.ttl = config.ttl
+        if policy is None and config.solr is not None:
+            from .solr import SolrPolicy
+
+            policy = SolrPolicy(config.member, config.solr, ttl=config.ttl)
         if policy is None:
             from .postgres import PostgresPolicy
 
+            assert config.postgres is not None
             policy = PostgresPolicy(config.member, config.postgres, ttl=config.ttl)
         self.policy = policy
         self.address = policy.address

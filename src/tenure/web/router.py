@@ -47,8 +47,10 @@ from ..records import check_name
 from .state import EMPTY, Endpoint, ServiceState, parse_state, relevant
 
 if TYPE_CHECKING:
+    from .http import HttpServiceView
     from .memcache import RingClient
     from .postgres import PostgresProvider
+    from .solr import SolrView
 
 log = logging.getLogger("tenure.web")
 
@@ -467,6 +469,18 @@ class Router:
                     ring = RingClient(self.service(service), **settings)
                     self._rings[service] = ring
         return ring
+
+    def solr(self, service: str, **settings: Any) -> "SolrView":
+        """The Solr leader (updates) and caught-up read cores of ``service`` (see :mod:`tenure.web.solr`)."""
+        from .solr import SolrView
+
+        return SolrView(self.service(service), **settings)
+
+    def http(self, service: str) -> "HttpServiceView":
+        """The active instance of a generic HTTP service (see :mod:`tenure.web.http`)."""
+        from .http import HttpServiceView
+
+        return HttpServiceView(self.service(service))
 
     # -- lifecycle --------------------------------------------------------------------
 
