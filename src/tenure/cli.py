@@ -78,6 +78,10 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     from .sidecar.config import load_config
 
     config = load_config(args.config)  # a bad config fails here, before anything is imported or started
+    if not hasattr(config, "postgres"):  # a [memcache] section: the memcached registrar
+        from .sidecar.memcache import main as registrar_main
+
+        return registrar_main(config)
     from .sidecar.loop import main as sidecar_main
 
     return sidecar_main(config)
