@@ -1,4 +1,4 @@
-"""The ``tenure`` command: status, history, sidecar, pg (write guard) and demo.
+"""The ``tenure`` command: status, history, sidecar, agent, pg (write guard) and demo.
 
 Endpoints come from ``--endpoints`` or ``TENURE_ENDPOINTS`` (comma-separated
 ``http://host:port``).
@@ -87,6 +87,22 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     return sidecar_main(config)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from .errors import ConfigError
+    from .web.agent import main as agent_main, parse_agent_config
+
+    try:
+        with open(args.config, "rb") as f:
+            config = parse_agent_config(tomllib.load(f))
+    except OSError as e:
+        raise ConfigError(f"cannot read config {args.config}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {args.config} is not valid TOML: {e}") from None
+    return agent_main(config)
+
+
 def cmd_pg_guard(args: argparse.Namespace) -> int:
     import psycopg
 
@@ -135,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("sidecar", help="run beside a PostgreSQL server: elect, promote, fence, rejoin")
     sc.add_argument("--config", required=True, help="TOML file (see examples/sidecar-postgres.toml)")
     sc.set_defaults(fn=cmd_sidecar)
+
+    ag = sub.add_parser("agent", help="per-host agent: watch etcd once for all web workers of this host")
+    ag.add_argument("--config", required=True, help="TOML file with [etcd] and [agent] (see docs/agent.md)")
+    ag.set_defaults(fn=cmd_agent)
 
     pg = sub.add_parser("pg", help="PostgreSQL helpers: the in-database write guard")
     pgsub = pg.add_subparsers(dest="action", required=True)

@@ -13,9 +13,26 @@ The web tier reads what sidecars and registrars publish; it never writes to
 etcd.
 """
 
-from .router import DEFAULT_STALE_AFTER, Router, ServiceView
+from typing import TYPE_CHECKING, Any
+
 from .state import Endpoint, ServiceState
-from .wsgi import ReadOnlyMiddleware, is_read_only
+
+if TYPE_CHECKING:
+    from .router import DEFAULT_STALE_AFTER, Router, ServiceView
+    from .wsgi import ReadOnlyMiddleware, is_read_only
 
 __all__ = ["Router", "ServiceView", "Endpoint", "ServiceState", "ReadOnlyMiddleware", "is_read_only",
            "DEFAULT_STALE_AFTER"]
+
+
+def __getattr__(name: str) -> Any:
+    # The router (and with it gRPC) loads on first use: a worker reading the agent's view never needs it.
+    if name in ("Router", "ServiceView", "DEFAULT_STALE_AFTER"):
+        from . import router
+
+        return getattr(router, name)
+    if name in ("ReadOnlyMiddleware", "is_read_only"):
+        from . import wsgi
+
+        return getattr(wsgi, name)
+    raise AttributeError(f"module 'tenure.web' has no attribute {name!r}")
