@@ -22,7 +22,7 @@ from tenure.web.agent_view import AgentRouter
 from support import wait_for
 from test_memcache import Pool, live
 
-BOUND = 1.0  # the workers' heartbeat bound in these tests
+BOUND = 1.0  # the agent's heartbeat bound in these tests
 
 
 def make_primary(client: tenure.Client, service: str, member: str) -> Any:
@@ -46,6 +46,7 @@ class AgentProc:
             services = {json.dumps(services)}
             path = "{self.path}"
             listen = "127.0.0.1:{self.port}"
+            heartbeat_bound = {BOUND}
             """))
         self.log = open(workdir / "agent.log", "ab")
         self.start()
@@ -55,11 +56,16 @@ class AgentProc:
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+        def once() -> tuple[int, bytes] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+            except OSError:
+                return None  # not listening yet (it serves HTTP once its view file is written)
+
+        return wait_for(once, 30, f"the agent to answer {path}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -95,8 +101,9 @@ def test_workers_follow_the_agent_without_grpc_and_turn_read_only_when_it_stops(
     got = json.loads(worker.stdout)
     assert got == {"primary": "a", "token": term.token, "grpc": False}
 
-    reader = AgentRouter(agent.path, heartbeat_bound=BOUND)
+    reader = AgentRouter(agent.path)
     view = reader.service(service)
+    strict = AgentRouter(agent.path, heartbeat_bound=0.5).service(service)  # a worker's own, tighter bound
     assert view.ready(30) and view.wait_for_primary(10).member == "a"
     assert view.members == {} and view.replicas == () and view.exists is True
     changes: list[Any] = []
@@ -113,8 +120,11 @@ def test_workers_follow_the_agent_without_grpc_and_turn_read_only_when_it_stops(
     # The agent frozen: its beat stops; the worker is read-only within the bound, and back after.
     agent.proc.send_signal(signal.SIGSTOP)
     t = time.monotonic()
+    wait_for(lambda: strict.primary is None, BOUND + 2, "read-only first where the bound is tighter")
+    took_strict = time.monotonic() - t
     wait_for(lambda: view.primary is None, BOUND + 2, "read-only while the agent is frozen")
     took = time.monotonic() - t
+    assert took_strict < took
     assert "agent has not written" in (view.reason or "")
     assert view.stale_for == float("inf")
     agent.proc.send_signal(signal.SIGCONT)
@@ -127,7 +137,7 @@ def test_workers_follow_the_agent_without_grpc_and_turn_read_only_when_it_stops(
     agent.start()
     p = wait_for(lambda: view.primary, 30, "following the restarted agent")
     assert p.member == "b"
-    print(f"agent frozen: workers read-only after {took:.2f} s (bound {BOUND} s)")
+    print(f"agent frozen: workers read-only after {took:.2f} s (bound {BOUND} s; {took_strict:.2f} s with 0.5 s)")
 
     status, body = agent.get("/health")
     assert status == 503 or status == 200  # the cache service has no keys: not an error, it has no view yet
@@ -144,7 +154,7 @@ def test_memcache_through_the_agent(etcd: LocalEtcd, client: tenure.Client, agen
     cache = f"{service}-cache"
     pool = Pool(etcd, cache)
     try:
-        reader = AgentRouter(agent.path, heartbeat_bound=BOUND)
+        reader = AgentRouter(agent.path)
         mc = reader.memcache(cache)
         wait_for(lambda: live(mc) == pool.addresses, 20, "the ring through the agent")
         assert mc.set("k", "v") and mc.get("k") == "v"

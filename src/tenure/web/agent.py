@@ -9,7 +9,7 @@ replicas, members, memcached ring records) in a memory-mapped file (layout in
 protobuf. A change is written as soon as the router reports it; every
 ``beat_every`` seconds (0.1) the agent also stamps each service's slot with
 the time its watch last heard from etcd and its own time, so a worker turns
-read-only when the agent dies or freezes (``heartbeat_bound``), exactly as
+read-only when the agent dies or freezes (``heartbeat_bound``, 1.5 s), as
 a router does when etcd goes quiet (``stale_after``).
 
 The agent also exports the routing view once per host on ``/metrics``
@@ -26,6 +26,7 @@ Configuration (TOML)::
     path = "/run/tenure/agent.view"     # on tmpfs; readable by the workers
     listen = "127.0.0.1:9321"           # /metrics and /health; "" for none
     stale_after = 4.0                   # as Router(stale_after=...)
+    heartbeat_bound = 1.5               # workers go read-only when the agent is silent this long
     beat_every = 0.1
     capacity = 1048576                  # bytes per payload buffer (it grows if needed)
 """
@@ -51,7 +52,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..config import EtcdConfig, build_section, parse_etcd_section
 from ..errors import ConfigError
 from ..records import check_name
-from .agent_view import (DEFAULT_PATH, HEADER, LIVE, MAGIC, PAYLOAD, PAYLOAD_AT, SLOT_FIELDS, SUPERSEDED, VERSION,
+from .agent_view import (DEFAULT_HEARTBEAT_BOUND, DEFAULT_PATH, HEADER, LIVE, MAGIC, PAYLOAD, PAYLOAD_AT, SLOT_FIELDS, SUPERSEDED, VERSION,
                          buffers_at, slot_array)
 from .router import DEFAULT_STALE_AFTER, Router, ServiceView
 
@@ -75,6 +76,7 @@ class AgentConfig:
     path: str = DEFAULT_PATH
     listen: str = "127.0.0.1:9321"
     stale_after: float = DEFAULT_STALE_AFTER
+    heartbeat_bound: float = DEFAULT_HEARTBEAT_BOUND
     beat_every: float = 0.1
     capacity: int = 1 << 20
     etcd: EtcdConfig | None = field(default=None)
@@ -105,6 +107,9 @@ def parse_agent_config(data: Mapping[str, Any]) -> AgentConfig:
             raise ConfigError(f"[agent] listen must be 'host:port', got {cfg.listen!r}")
     if not 0 < cfg.beat_every <= 1:
         raise ConfigError(f"[agent] beat_every must be > 0 and at most 1 s, got {cfg.beat_every}")
+    if not cfg.beat_every < cfg.heartbeat_bound <= cfg.stale_after:
+        raise ConfigError(f"[agent] heartbeat_bound must exceed beat_every and be at most stale_after, "
+                          f"got {cfg.heartbeat_bound}")
     if cfg.capacity < 4096:
         raise ConfigError(f"[agent] capacity must be at least 4096 bytes, got {cfg.capacity}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(cfg.path))):
@@ -112,11 +117,11 @@ def parse_agent_config(data: Mapping[str, Any]) -> AgentConfig:
     if not 1.0 < cfg.stale_after < 3600:
         raise ConfigError(f"[agent] stale_after must be seconds above the watch's 1 s progress interval, "
                           f"got {cfg.stale_after}")
-    return AgentConfig(list(cfg.services), cfg.path, cfg.listen, float(cfg.stale_after), float(cfg.beat_every),
-                       int(cfg.capacity), etcd)
+    return AgentConfig(list(cfg.services), cfg.path, cfg.listen, float(cfg.stale_after),
+                       float(cfg.heartbeat_bound), float(cfg.beat_every), int(cfg.capacity), etcd)
 
 
-def encode_payload(gen: int, views: Sequence[ServiceView], stale_after: float) -> bytes:
+def encode_payload(gen: int, views: Sequence[ServiceView], stale_after: float, heartbeat_bound: float) -> bytes:
     """The JSON payload describing ``views`` (read back by :func:`tenure.web.agent_view.decode_payload`)."""
     def ep(e: Any) -> list[Any] | None:
         return None if e is None else [e.member, e.dsn, e.token, e.zone]
@@ -130,7 +135,8 @@ def encode_payload(gen: int, views: Sequence[ServiceView], stale_after: float) -
             "members": {m: dict(rec) for m, rec in s.members.items()}, "member_revisions": dict(s.member_revisions),
             "rings": [[kv.key, kv.mod_revision, kv.value.decode()] for kv in v.ring_records],
         }
-    return json.dumps({"gen": gen, "stale_after": stale_after, "services": services},
+    return json.dumps({"gen": gen, "stale_after": stale_after, "heartbeat_bound": heartbeat_bound,
+                       "services": services},
                       separators=(",", ":")).encode()
 
 
@@ -138,11 +144,12 @@ class Agent:
     """Publishes ``services`` as ``router`` sees them to the file at ``path``; :meth:`run` until stopped."""
 
     def __init__(self, router: Router, services: Sequence[str], path: str, *, beat_every: float = 0.1,
-                 capacity: int = 1 << 20) -> None:
+                 heartbeat_bound: float = DEFAULT_HEARTBEAT_BOUND, capacity: int = 1 << 20) -> None:
         self.router = router
         self.views = [router.service(s) for s in services]
         self.path = path
         self.beat_every = beat_every
+        self.heartbeat_bound = heartbeat_bound
         self.capacity = capacity
         self.gen = 0
         self.mm: mmap.mmap | None = None
@@ -188,7 +195,7 @@ class Agent:
         """Write the current views (a new generation) and stamp the slots."""
         with self._lock:
             gen = self.gen + 1
-            data = encode_payload(gen, self.views, self.router.stale_after)
+            data = encode_payload(gen, self.views, self.router.stale_after, self.heartbeat_bound)
             if len(data) > self.capacity:
                 self._create(max(len(data) * 2, self.capacity * 2))
             mm = self.mm
@@ -205,16 +212,19 @@ class Agent:
             PUBLISHED.inc()
 
     def beat(self) -> None:
-        """Stamp each service's slot: when its watch last heard from etcd, now, and the payload generation."""
+        """Stamp each service's slot: when its watch last heard from etcd, now, the deadline, the generation."""
         a = self.slots
         if a is None:
             return
         now = time.monotonic()
         gen = float(self.gen)
+        stale_after = self.router.stale_after
         for i, v in enumerate(self.views):
             at = i * SLOT_FIELDS
-            a[at + 1] = now - v.stale_for
-            a[at + 2] = now
+            heard = now - v.stale_for
+            a[at + 2] = heard
+            a[at + 3] = now
+            a[at + 1] = min(heard + stale_after, now + self.heartbeat_bound)
             a[at] = gen
 
     def _current_signature(self) -> tuple[Any, ...]:
@@ -295,7 +305,8 @@ def main(config: AgentConfig) -> int:
     assert e is not None
     router = Router(e.endpoints, namespace=e.namespace, timeout=e.timeout, stale_after=config.stale_after,
                     ca_cert=e.ca_cert, cert=e.cert, key=e.key, user=e.user, password=e.password)
-    agent = Agent(router, config.services, config.path, beat_every=config.beat_every, capacity=config.capacity)
+    agent = Agent(router, config.services, config.path, beat_every=config.beat_every,
+                  heartbeat_bound=config.heartbeat_bound, capacity=config.capacity)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

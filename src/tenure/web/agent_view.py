@@ -12,20 +12,21 @@ The file (:data:`MAGIC`, little-endian)::
 
     0    header   magic[8] version:u32 state:u32 slots:u32 capacity:u32
     64   payload  seq:u64 active:u32 length:u32 crc:u32          (a seqlock)
-    128  slots    per service: gen:f64 heard:f64 beat:f64
+    128  slots    per service: gen:f64 deadline:f64 heard:f64 beat:f64
     ...  buffers  two payload buffers of ``capacity`` bytes (JSON)
 
 The agent rewrites every slot each ``beat`` (0.1 s): ``heard`` is when its
 watch of that service last heard from etcd, ``beat`` when it wrote,
-``gen`` the payload generation. Times are ``time.monotonic()`` values, the
-same clock in every process of the host. Each field is an aligned 8-byte
-double, read and written whole (a memoryview cast to doubles copies the 8
-bytes at once), so no read is torn. A worker's lookup reads its slot's three fields and
-compares times; it re-reads the payload (under the seqlock, checked by its
-CRC) only when ``gen`` changed. A view is read-only when
-the agent's beat is older than ``heartbeat_bound`` (the agent died or froze)
-or its etcd answer older than ``stale_after``; a memcached client then
-neither reads nor writes.
+``deadline`` = min(heard + stale_after, beat + heartbeat_bound), ``gen``
+the payload generation. Times are ``time.monotonic()`` values, the same
+clock in every process of the host. Each field is an aligned 8-byte double,
+read and written whole (a memoryview cast to doubles copies the 8 bytes at
+once), so no read is torn. A worker's lookup reads ``gen`` and
+``deadline`` and the clock; it re-reads the payload (under the seqlock,
+checked by its CRC) only when ``gen`` changed. So a view is read-only once
+the agent's beat is older than ``heartbeat_bound`` (the agent died or
+froze) or its etcd answer older than ``stale_after``, as a router's is; a
+memcached client then neither reads nor writes.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ HEADER = struct.Struct("<8sIIII")
 PAYLOAD_AT = 64
 PAYLOAD = struct.Struct("<QIII")
 SLOTS_AT = 128
-SLOT_FIELDS = 3  # gen, heard, beat: doubles
+SLOT_FIELDS = 4  # gen, deadline, heard, beat: doubles
 DEFAULT_PATH = "/run/tenure/agent.view"
 DEFAULT_HEARTBEAT_BOUND = 1.5  # seconds; the agent beats every 0.1 s
 _REOPEN_EVERY = 0.25  # seconds between attempts to (re)open a missing or superseded file
@@ -73,7 +74,7 @@ def buffers_at(slots: int) -> int:
 
 
 def slot_array(buffer: Any, slots: int) -> memoryview:
-    """The slots of a mapped file as doubles (``[3 * i]`` gen, ``+1`` heard, ``+2`` beat of the i-th service)."""
+    """The slots of a mapped file as doubles (``[4 * i]`` gen, ``+1`` deadline, ``+2`` heard, ``+3`` beat)."""
     return memoryview(buffer)[SLOTS_AT:SLOTS_AT + slots * SLOT_FIELDS * 8].cast("d")
 
 
@@ -97,9 +98,10 @@ class _Snapshot:
     states: Mapping[str, ServiceState]
     rings: Mapping[str, tuple[RawRecord, ...]]
     stale_after: float
+    heartbeat_bound: float
 
 
-_EMPTY_SNAPSHOT = _Snapshot(-1, {}, {}, {}, math.inf)
+_EMPTY_SNAPSHOT = _Snapshot(-1, {}, {}, {}, math.inf, DEFAULT_HEARTBEAT_BOUND)
 
 
 def decode_payload(data: bytes) -> _Snapshot:
@@ -114,7 +116,7 @@ def decode_payload(data: bytes) -> _Snapshot:
                                     MappingProxyType(members), MappingProxyType(s["member_revisions"]),
                                     s["exists"], s["revision"])
         rings[name] = tuple(RawRecord(k, v.encode(), r) for k, r, v in s["rings"])
-    return _Snapshot(d["gen"], index, states, rings, float(d["stale_after"]))
+    return _Snapshot(d["gen"], index, states, rings, float(d["stale_after"]), float(d["heartbeat_bound"]))
 
 
 class AgentView:
@@ -124,6 +126,9 @@ class AgentView:
     :meth:`on_change` run in the thread whose lookup noticed the change (there
     are no threads here).
     """
+
+    __slots__ = ("name", "_router", "_callbacks", "_delivered", "_state", "_rings", "_slots", "_at", "_gen",
+                 "_plain", "__weakref__")
 
     def __init__(self, router: "AgentRouter", name: str) -> None:
         self.name = name
@@ -135,8 +140,7 @@ class AgentView:
         self._slots: Any = None  # the file's slot array while this service is published in it
         self._at = 0  # index of this service's gen in it
         self._gen = -2.0
-        self._bound = router.heartbeat_bound
-        self._stale_after = math.inf
+        self._plain = router._bounds is None  # no bounds of the worker's own: the agent's deadline says it all
 
     # -- the hot path ------------------------------------------------------------------------------
 
@@ -144,24 +148,26 @@ class AgentView:
     def primary(self) -> Endpoint | None:
         """The current primary, or None while read-only (no primary, agent silent, or etcd not heard lately)."""
         a = self._slots
-        if a is not None and a[self._at] == self._gen:
-            now = _monotonic()
-            if now - a[self._at + 2] <= self._bound and now - a[self._at + 1] <= self._stale_after:
-                return self._state.primary
+        if a is not None and a[self._at] == self._gen and _monotonic() <= a[self._at + 1] and self._plain:
+            return self._state.primary
         self._refresh()
         return self._state.primary if self._fresh() else None
 
-    def _times(self) -> tuple[float, float]:
-        """(heard, beat) of this service's slot, or (-inf, -inf) while it has none."""
+    def _times(self) -> tuple[float, float, float]:
+        """(deadline, heard, beat) of this service's slot, or -inf for each while it has none."""
         a = self._slots
         if a is None:
-            return -math.inf, -math.inf
-        return a[self._at + 1], a[self._at + 2]
+            return -math.inf, -math.inf, -math.inf
+        at = self._at
+        return a[at + 1], a[at + 2], a[at + 3]
 
     def _fresh(self) -> bool:
-        h, b = self._times()
+        deadline, heard, beat = self._times()
         now = _monotonic()
-        return now - b <= self._bound and now - h <= self._stale_after
+        if now > deadline:
+            return False
+        bounds = self._router._bounds
+        return bounds is None or (now - beat <= bounds[0] and now - heard <= bounds[1])
 
     def valid_primary(self) -> Endpoint | None:
         return self.primary
@@ -204,9 +210,9 @@ class AgentView:
     def stale_for(self) -> float:
         """Seconds since the agent last heard from etcd about this service (inf if the agent itself is silent)."""
         self._refresh()
-        h, b = self._times()
+        _, heard, beat = self._times()
         now = _monotonic()
-        return math.inf if now - b > self._bound else now - h
+        return math.inf if now - beat > self._router.heartbeat_bound else now - heard
 
     @property
     def reason(self) -> str | None:
@@ -217,12 +223,13 @@ class AgentView:
             return f"no agent view at {r.path} (is tenure agent running?)"
         if self._slots is None:
             return f"the agent does not follow service {self.name!r} (add it to its services)"
-        h, b = self._times()
+        _, h, b = self._times()
         now = _monotonic()
-        if now - b > self._bound:
-            return f"the agent has not written for {now - b:.1f} s (bound {self._bound:g} s)"
-        if now - h > self._stale_after:
-            return f"the agent has not heard from etcd for {now - h:.1f} s (bound {self._stale_after:g} s)"
+        bound, stale_after = r.heartbeat_bound, r.stale_after
+        if now - b > bound:
+            return f"the agent has not written for {now - b:.1f} s (bound {bound:g} s)"
+        if now - h > stale_after:
+            return f"the agent has not heard from etcd for {now - h:.1f} s (bound {stale_after:g} s)"
         s = self._state
         if s.exists is None:
             return f"no view of {self.name!r} yet"
@@ -297,7 +304,6 @@ class AgentView:
             i = snap.index.get(self.name)
             self._slots = slots
             self._at = 0 if i is None else i * SLOT_FIELDS
-            self._stale_after = r._stale_after
         if self._callbacks:
             s = self._state
             sig = (s.primary, s.replicas, tuple(sorted(s.member_revisions.items())),
@@ -318,12 +324,14 @@ class AgentView:
 class AgentRouter:
     """Views of services as published by the host's agent at ``path``; see the module doc.
 
-    ``heartbeat_bound``: the agent's last write may be this old (seconds)
-    before every view turns read-only. ``stale_after`` overrides the
-    agent's own bound on how long ago it heard from etcd.
+    By default the agent's own bounds apply (its ``heartbeat_bound``: how old
+    its last write may be, and its ``stale_after``: how long ago it may have
+    heard from etcd, before a view turns read-only). A worker may give
+    tighter ones of its own (``heartbeat_bound``, ``stale_after``), at the
+    cost of a slower lookup.
     """
 
-    def __init__(self, path: str = DEFAULT_PATH, *, heartbeat_bound: float = DEFAULT_HEARTBEAT_BOUND,
+    def __init__(self, path: str = DEFAULT_PATH, *, heartbeat_bound: float | None = None,
                  stale_after: float | None = None) -> None:
         for name, v in (("heartbeat_bound", heartbeat_bound), ("stale_after", stale_after)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
@@ -331,9 +339,10 @@ class AgentRouter:
         if not isinstance(path, str) or not path:
             raise ConfigError(f"the agent view path must be a file path, got {path!r}")
         self.path = path
-        self.heartbeat_bound = float(heartbeat_bound)
-        self._stale_override = stale_after
-        self._stale_after = math.inf if stale_after is None else float(stale_after)
+        self._bounds: tuple[float, float] | None = None
+        if heartbeat_bound is not None or stale_after is not None:
+            self._bounds = (math.inf if heartbeat_bound is None else float(heartbeat_bound),
+                            math.inf if stale_after is None else float(stale_after))
         self.namespace = ""
         self._mm: "mmap.mmap | None" = None
         self._slots: Any = None
@@ -348,7 +357,15 @@ class AgentRouter:
 
     @property
     def stale_after(self) -> float:
-        return self._stale_after
+        """How long ago the agent may have heard from etcd before a view turns read-only (seconds)."""
+        agent = self._snap.stale_after
+        return agent if self._bounds is None else min(agent, self._bounds[1])
+
+    @property
+    def heartbeat_bound(self) -> float:
+        """How old the agent's last write may be before every view turns read-only (seconds)."""
+        agent = self._snap.heartbeat_bound
+        return agent if self._bounds is None else min(agent, self._bounds[0])
 
     def service(self, name: str) -> AgentView:
         """The view of service ``name`` (the same object on every call)."""
@@ -422,8 +439,6 @@ class AgentRouter:
                         return self._snap
                     self._seq = seq
                     self._snap = snap
-                    if self._stale_override is None:
-                        self._stale_after = snap.stale_after
                     return snap
             time.sleep(0)
         return self._snap
