@@ -15,7 +15,7 @@ from tenure.records import RingMember, RingRecord
 from tenure.sidecar.memcache import MemcacheRegistrar, next_ring
 from tenure.web.memcache import Client
 from tenure.web.memcache_codec import Codec, tag_of
-from tenure.web.memcache_ring import Placement, RingHistory, cmemcache_hash
+from tenure.web.memcache_ring import CLOCK_SKEW, Placement, RingHistory, cmemcache_hash, learn
 
 A, B, C = (RingMember(m, f"10.0.0.{i}:11211", i, True) for i, m in enumerate("abc"))
 
@@ -114,6 +114,15 @@ def test_previous_owners_are_cleared_only_while_slower_clients_may_use_their_epo
     assert h.previous_owners(None, moved, 200.0 + settle - 0.1) == [C]
     assert h.previous_owners(None, stays, 200.0 + 0.1) == []
     assert h.previous_owners(None, moved, 200.0 + settle + 0.1) == []
+
+
+def test_a_new_process_dates_old_rings_back_by_their_age() -> None:
+    old = RingRecord(1, "modulo", (A, B, C), 1, since=1000.0)
+    new = RingRecord(2, "modulo", (A, B, absent(C)), 1, since=1995.0)
+    learned = learn({}, [old, new], now=50.0, wall=2000.0)
+    assert learned[2] == 50.0, "a change of 5 s ago counts as just learnt (clocks may differ by 30 s)"
+    assert learned[1] == 50.0 - (1000.0 - CLOCK_SKEW)
+    assert learn({2: 7.0}, [new], now=60.0, wall=2010.0) == {2: 7.0}, "what was learnt stays"
 
 
 def test_next_ring_grows_marks_absence_replaces_and_freezes_the_legacy_epoch() -> None:

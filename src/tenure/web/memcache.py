@@ -163,7 +163,7 @@ class Client:
                     decoded[kv.key] = (kv.mod_revision, None)
             rings = [r for _, r in decoded.values() if r is not None]
             old = self._history.epoch if self._history is not None else None
-            self._learned = learn(self._learned, (r.epoch for r in rings), _monotonic())
+            self._learned = learn(self._learned, rings, _monotonic(), time.time())
             history = RingHistory(rings, self._learned)
             self._decoded, self._history, self._kvs = decoded, history, kvs
             if history.epoch != old and history.current is not None:

@@ -158,7 +158,21 @@ class RingHistory:
         return out
 
 
-def learn(learned: dict[int, float], epochs: Iterable[int], now: float) -> dict[int, float]:
-    """``learned`` with every epoch of ``epochs`` not yet in it stamped ``now`` (and none beyond those)."""
-    keep = set(epochs)
-    return {e: learned.get(e, now) for e in keep}
+CLOCK_SKEW = 30.0  # seconds the wall clocks of registrar and web hosts may differ, at most
+
+
+def learn(learned: dict[int, float], rings: Iterable[RingRecord], now: float, wall: float) -> dict[int, float]:
+    """``learned`` with each epoch of ``rings`` not yet in it stamped with when this client learnt of it.
+
+    That is ``now`` for a ring written moments ago; a ring found already
+    old (in a new process's first snapshot) is dated back by its age as
+    its ``since`` (wall clock) says, less :data:`CLOCK_SKEW`, so that a
+    process that starts does not treat long-settled changes as fresh.
+    """
+    out = {}
+    for r in rings:
+        if r.epoch in learned:
+            out[r.epoch] = learned[r.epoch]
+        else:
+            out[r.epoch] = now - max(0.0, wall - r.since - CLOCK_SKEW) if r.since > 0 else now
+    return out
