@@ -1,6 +1,7 @@
-"""Light web workers: memory per worker (in-process router vs the per-host agent), lookup time, propagation to 100 workers.
+"""Light web workers: memory per worker (in-process router vs the agent), lookup time, propagation to 100 workers.
 
     nice .venv/bin/python benchmarks/agent.py [--workers 100] [--rounds 10] [--memory-workers 5] [--poll 0.005]
+        [--worker-nice 0]
 
 One run, on its own local 3-member etcd (tenure.lab.etcd) and one
 ``tenure agent`` process (its view file on /dev/shm), prints:
@@ -113,6 +114,9 @@ def master(kind: str, n: int, endpoints: str, path: str, poll: float, lookups: i
 
 
 def worker(kind: str, w: int, endpoints: str, path: str, poll: float, lookups: int) -> None:
+    nice = int(os.environ.get("TENURE_BENCH_WORKER_NICE", "0"))
+    if nice:
+        os.nice(nice)  # below the agent, as its deployment recommends (Nice=-5 for the agent)
     if kind == "bare":
         view = None
     elif kind == "router":
@@ -146,10 +150,11 @@ class Workers:
     """A master process with ``n`` forked workers of one kind."""
 
     def __init__(self, kind: str, n: int, endpoints: list[str], path: str, poll: float = 0.0,
-                 lookups: int = 0) -> None:
+                 lookups: int = 0, nice: int = 0) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--master", kind, str(n), ",".join(endpoints), path,
                                       str(poll), str(lookups)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, env={**os.environ, "PYTHONPATH": SRC})
+                                     bufsize=0, env={**os.environ, "PYTHONPATH": SRC,
+                                                     "TENURE_BENCH_WORKER_NICE": str(nice)})
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
         self.buf = b""
@@ -221,6 +226,9 @@ def main() -> None:
     ap.add_argument("--poll", type=float, default=0.005)
     ap.add_argument("--settle", type=float, default=0.3)
     ap.add_argument("--lookups", type=int, default=1_000_000)
+    ap.add_argument("--worker-nice", type=int, default=0,
+                    help="run the propagation workers at this nice level, below the agent and etcd (in production "
+                         "etcd has its own machines and the agent runs at Nice=-5)")
     ap.add_argument("--master", nargs=6)
     args = ap.parse_args()
     if args.master:
@@ -291,7 +299,7 @@ def main() -> None:
 
             # 3: propagation to N workers.
             t = time.monotonic()
-            ws = Workers("agent", args.workers, etcd.endpoints, path, poll=args.poll)
+            ws = Workers("agent", args.workers, etcd.endpoints, path, poll=args.poll, nice=args.worker_nice)
             ws.wait_ready()
             delays: list[float] = []
             for i in range(args.rounds):
@@ -304,7 +312,7 @@ def main() -> None:
             q = statistics.quantiles(delays, n=100)
             print(f"3. propagation of a new primary to {args.workers} worker processes through the agent "
                   f"({args.rounds} leader changes, {len(delays)} samples; workers look up every "
-                  f"{args.poll * 1000:g} ms)")
+                  f"{args.poll * 1000:g} ms{f', at nice {args.worker_nice}' if args.worker_nice else ''})")
             print(f"   p50 {q[49] * 1000:.1f} ms   p90 {q[89] * 1000:.1f} ms   p99 {q[98] * 1000:.1f} ms   "
                   f"max {delays[-1] * 1000:.1f} ms   (whole part {time.monotonic() - t:.0f} s)")
             term.resign()

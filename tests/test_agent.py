@@ -177,7 +177,8 @@ def test_agent_bad_config(tmp_path: Path) -> None:
         "no agent section": '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n',
         "no services": '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n[agent]\nservices = []\n',
         "bad name": '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n[agent]\nservices = ["a b"]\n',
-        "bad dir": '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n[agent]\nservices = ["db"]\npath = "/nonexistent/x"\n',
+        "bad dir": '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n[agent]\nservices = ["db"]\n'
+                   'path = "/nonexistent/x"\n',
         "unknown key": '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n[agent]\nservices = ["db"]\ncolour = 1\n',
         "bad endpoint": '[etcd]\nendpoints = ["nonsense"]\n[agent]\nservices = ["db"]\n',
     }

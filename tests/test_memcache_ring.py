@@ -1,4 +1,4 @@
-"""The memcached ring as pure functions: placement, which stored copies may be served, the next ring, the value codec."""
+"""The memcached ring as pure functions: placement, which copies may be served, the next ring, the codec."""
 
 from __future__ import annotations
 

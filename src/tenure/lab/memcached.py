@@ -27,7 +27,10 @@ def memcached_binary() -> str:
 
 
 class LocalMemcached:
-    """One memcached on 127.0.0.1; ``kill()`` is SIGKILL, ``freeze()``/``thaw()`` SIGSTOP/SIGCONT, ``restart()`` brings it back empty on the same port."""
+    """One memcached on 127.0.0.1: ``kill()`` SIGKILL, ``freeze()``/``thaw()`` SIGSTOP/SIGCONT, ``restart()`` empty.
+
+    The port is kept across restarts.
+    """
 
     def __init__(self, port: int | None = None, memory_mb: int = 64) -> None:
         self.host = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""The memcached registrar: publishes its server while it is healthy, flushes it before it rejoins, and keeps the pool's ring.
+"""The memcached registrar: publishes its server while healthy, flushes it before it rejoins, keeps the ring.
 
 :class:`MemcacheRegistrar` runs beside one memcached (``tenure sidecar
 --config`` with a ``[memcache]`` section, or :func:`run_registrar`). Every
@@ -46,7 +46,7 @@ log = logging.getLogger("tenure.memcache")
 
 def next_ring(latest: RingRecord | None, live: Mapping[str, tuple[str, int | None]], *, hashing: str,
               fresh_within: float, settle: float, now: float) -> RingRecord | None:
-    """The ring that should follow ``latest`` given the live members (name -> (address, wanted slot)); None if unchanged.
+    """The ring that should follow ``latest`` given the live members (name -> (address, wanted slot)), or None.
 
     Servers keep their slots; absent ones stay listed (``live`` False) so
     that modulo hashing keeps its list. A new member takes the slot it asks

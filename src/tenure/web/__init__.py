@@ -4,8 +4,10 @@
   one etcd watch each, fail-safe to read-only;
 * :class:`PostgresProvider` (:mod:`tenure.web.postgres`, from
   ``router.postgres(service)``) -- psycopg pools that follow the primary;
-* :class:`RingClient` (:mod:`tenure.web.memcache`, from
-  ``router.memcache(service)``) -- a memcached ring over the live members;
+* :class:`~tenure.web.memcache.Client` (from ``router.memcache(service)``)
+  -- python-memcached's client API over a memcached pool's ring in etcd;
+* :class:`~tenure.web.agent_view.AgentRouter` -- the same views, read from
+  the per-host agent (``tenure agent``) without gRPC;
 * :class:`ReadOnlyMiddleware` (:mod:`tenure.web.wsgi`) -- 503 for writes while
   a service is read-only.
 

@@ -1,4 +1,4 @@
-"""The per-host agent (``tenure agent``): one process that watches etcd for the host's web workers and publishes what it sees.
+"""The per-host agent (``tenure agent``): one process watches etcd for the host's web workers and publishes it.
 
 A gunicorn sync worker with its own :class:`~tenure.web.router.Router` pays
 for gRPC, protobuf and a watch of its own. The agent keeps one router for
@@ -52,8 +52,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..config import EtcdConfig, build_section, parse_etcd_section
 from ..errors import ConfigError
 from ..records import check_name
-from .agent_view import (DEFAULT_HEARTBEAT_BOUND, DEFAULT_PATH, HEADER, LIVE, MAGIC, PAYLOAD, PAYLOAD_AT, SLOT_FIELDS, SUPERSEDED, VERSION,
-                         buffers_at, slot_array)
+from .agent_view import (DEFAULT_HEARTBEAT_BOUND, DEFAULT_PATH, HEADER, LIVE, MAGIC, PAYLOAD, PAYLOAD_AT,
+                         SLOT_FIELDS, SUPERSEDED, VERSION, buffers_at, slot_array)
 from .router import DEFAULT_STALE_AFTER, Router, ServiceView
 
 log = logging.getLogger("tenure.agent")

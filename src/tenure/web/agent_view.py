@@ -1,4 +1,4 @@
-"""What a web worker reads from the per-host agent (``tenure agent``): the routing view, from shared memory, without gRPC.
+"""What a web worker reads from the per-host agent (``tenure agent``): the routing view, without gRPC.
 
 :class:`AgentRouter` has the :class:`~tenure.web.router.Router` interface a
 web application uses -- ``service(name)`` returning a view with ``primary``,

@@ -1,4 +1,4 @@
-"""A drop-in for python-memcached's ``memcache.Client`` whose servers are the pool's ring in etcd, and that never serves a stale copy.
+"""A drop-in for python-memcached's ``memcache.Client`` over a pool's ring in etcd, never serving a stale copy.
 
 ``router.memcache("cache")`` (or ``AgentRouter.memcache``) returns a
 :class:`Client` with python-memcached 1.62's methods, arguments, return
