@@ -354,3 +354,19 @@ def test_a_moved_key_is_also_cleared_on_its_previous_owner_while_the_change_sett
         assert mc.set(key, "v3") is False, "the previous owner could not be cleared: not acknowledged"
     finally:
         servers[1].thaw()
+
+
+def test_the_ring_history_is_trimmed(client: tenure.Client, service: str) -> None:
+    a = RingMember("m0", "127.0.0.1:1", 0, True)
+    last = records.RING_HISTORY + 5
+    for e in range(1, last + 1):
+        client.put(records.ring_key(service, e), RingRecord(e, "modulo", (a,), 1).encode())
+    with LocalMemcached() as server:
+        reg = MemcacheRegistrar(client, service, "m1", server.host, server.port, ttl=2)
+        assert reg.check()
+        kvs, _ = client.get_prefix(records.ring_prefix(service))
+        epochs = [records.ring_epoch_of(service, kv.key) for kv in kvs]
+        assert epochs[0] == last - records.RING_HISTORY + 1 and epochs[-1] == last + 1, "trimmed, then m1 added"
+        newest = RingRecord.decode(kvs[-1].value)
+        assert [(s.member, s.live) for s in newest.servers] == [("m0", False), ("m1", True)]
+        reg.close()
