@@ -8,7 +8,9 @@ newer value could be overwritten by an older one. Here a timed-out
 connection is kept, not closed: what was left unsent stays queued, the
 answers still owed are read (and dropped) before the next command is sent,
 and only a connection the server itself closed or reset (its process is
-gone) is replaced. After a failure the server is skipped for
+gone) is replaced. A call that finds its reused connection closed or reset
+before any answer is sent again once on a new connection (nothing sent on
+the old one can run any more). After a failure the server is skipped for
 ``retry_after`` seconds (each call fails at once), then tried again.
 """
 
@@ -52,6 +54,8 @@ class Conn:
         self.owed = 0  # how many of the first ``pending`` belong to calls that gave up waiting
         self.down_until = 0.0
         self._mine = 0
+        self._last: list[tuple[bytes, int | None]] | None = None  # the last call's commands, for one resend
+        self._reused = False
 
     # -- one call ------------------------------------------------------------------------
 
@@ -66,6 +70,7 @@ class Conn:
         if now < self.down_until:
             raise Unavailable(f"{self.address}: skipped for {self.down_until - now:.2f} s after a failure")
         deadline = now + self.timeout
+        self._last, self._reused = commands, self.sock is not None
         try:
             if self.sock is None:
                 self._connect(deadline)
@@ -84,7 +89,8 @@ class Conn:
             self._gave_up()
             raise Unavailable(f"{self.address}: no answer within {self.timeout:g} s") from None
         except (OSError, ValueError, _Reset) as e:
-            self._reset()
+            if self._resend():
+                return self.begin(commands)
             raise Unavailable(f"{self.address}: {e or type(e).__name__}") from None
         return deadline
 
@@ -99,9 +105,18 @@ class Conn:
             self._gave_up()
             raise Unavailable(f"{self.address}: no answer within {self.timeout:g} s") from None
         except (OSError, ValueError, _Reset) as e:
-            self._reset()
+            commands = self._last
+            if not out and commands is not None and self._resend():
+                return self.finish(self.begin(commands))
             raise Unavailable(f"{self.address}: {e or type(e).__name__}") from None
         return out
+
+    def _resend(self) -> bool:
+        """After a reset: True (and no pause) if the call may be sent again once, on a new connection."""
+        again = self._reused and not self.owed
+        self._reset(pause=not again)
+        self._reused = False
+        return again
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -110,7 +125,7 @@ class Conn:
         self._mine = 0
         self.down_until = time.monotonic() + self.retry_after
 
-    def _reset(self) -> None:
+    def _reset(self, pause: bool = True) -> None:
         """The server closed or reset the connection: nothing sent on it can run any more."""
         if self.sock is not None:
             try:
@@ -122,7 +137,8 @@ class Conn:
         self.inbuf.clear()
         self.pending.clear()
         self.owed = self._mine = 0
-        self.down_until = time.monotonic() + self.retry_after
+        if pause:
+            self.down_until = time.monotonic() + self.retry_after
 
     def _connect(self, deadline: float) -> None:
         s = socket.create_connection((self.host, self.port), timeout=max(0.001, deadline - time.monotonic()))
