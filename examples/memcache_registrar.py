@@ -1,14 +1,18 @@
-"""Keep a local memcached registered in etcd while it is healthy.
+"""Keep a local memcached registered in etcd while it is healthy (the same registrar as ``tenure sidecar``).
 
-Run one beside each memcached of the pool::
+In production run ``tenure sidecar --config cache1.toml`` with a
+``[memcache]`` section (see docs/memcache.md); this script is the same
+registrar with its settings on the command line::
 
     python examples/memcache_registrar.py --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 \\
-        --service cache --member cache1 --port 11211 [--host 127.0.0.1] [--advertise 10.0.1.5:11211] [--ttl 2]
+        --service cache --member cache1 --port 11211 --slot 0 [--host 127.0.0.1] \\
+        [--advertise 10.0.1.5:11211] [--hashing modulo] [--ttl 2]
 
-It checks the server (version, set, get) every ttl/3 seconds, keeps the
-lease-bound record ``svc/<service>/members/<member>`` while the checks pass,
-withdraws it on the first failed check, and on SIGTERM or Ctrl-C. Web
-workers reach the pool with ``router.memcache("<service>")``.
+It checks the server (version, set, get) every ttl/3 seconds, flushes it
+before publishing on a new lease, keeps the lease-bound record
+``svc/<service>/members/<member>`` while the checks pass, withdraws it on
+the first failed check and on SIGTERM or Ctrl-C, and keeps the pool's ring
+records. Web workers reach the pool with ``router.memcache("<service>")``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=11211)
     ap.add_argument("--advertise", help="host:port clients use (default: host:port)")
     ap.add_argument("--ttl", type=int, default=2, help="record lease ttl, whole seconds")
+    ap.add_argument("--slot", type=int, help="place in the pool's ordered list (python-memcached's server list)")
+    ap.add_argument("--hashing", default="modulo", help="modulo (python-memcached's) or rendezvous")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -44,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = tenure.connect(args.etcd, namespace=args.namespace)
         registrar = MemcacheRegistrar(client, args.service, args.member, args.host, args.port,
-                                      ttl=args.ttl, advertise=args.advertise)
+                                      ttl=args.ttl, advertise=args.advertise, slot=args.slot,
+                                      hashing=args.hashing)
     except TenureError as e:
         print(f"memcache_registrar: {e}", file=sys.stderr)
         return 2

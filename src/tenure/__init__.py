@@ -14,16 +14,14 @@ must have exactly one writer (PostgreSQL, Solr, singleton jobs)::
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import errors
-from .election import Election, Leadership
-from .etcd import Client
 from .records import LeaderInfo, Term
 
 if TYPE_CHECKING:
+    from .election import Election, Leadership
+    from .etcd import Client
     from .web import ReadOnlyMiddleware, Router
 
 __all__ = ["connect", "Client", "Election", "Leadership", "LeaderInfo", "Term", "Router", "ReadOnlyMiddleware",
@@ -52,6 +50,8 @@ def connect(
     the cluster is asked for its status first, so a wrong endpoint fails here
     with :class:`~tenure.errors.EtcdUnavailable` rather than later.
     """
+    from .etcd import Client
+
     client = Client(
         endpoints, namespace=namespace, timeout=timeout, retry_for=retry_for,
         ca_cert=ca_cert, cert=cert, key=key, user=user, password=password,
@@ -66,9 +66,18 @@ def connect(
 
 
 def __getattr__(name: str) -> Any:
-    # The web tier is imported on first use: sidecars and jobs never load it.
+    # Imported on first use: sidecars and jobs never load the web tier, and a web worker that reads the
+    # per-host agent's view (tenure.web.agent_view) never loads gRPC.
     if name in ("Router", "ReadOnlyMiddleware"):
         from . import web
 
         return getattr(web, name)
+    if name in ("Election", "Leadership"):
+        from . import election
+
+        return getattr(election, name)
+    if name == "Client":
+        from .etcd import Client
+
+        return Client
     raise AttributeError(f"module 'tenure' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The ``tenure`` command: status, history, pause/resume, switchover, restart, sidecar, pg (write guard), demo.
+"""The ``tenure`` command: status, history, pause/resume, switchover, restart, sidecar, agent, pg (write guard), demo.
 
 Every command reaches etcd the same way as the sidecar: ``--endpoints``,
 ``--ca-cert``, ``--cert``, ``--key``, ``--user`` and ``--password-file``, or
@@ -241,9 +241,29 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     from .sidecar.config import load_config
 
     config = load_config(args.config)  # a bad config fails here, before anything is imported or started
+    if not hasattr(config, "postgres"):  # a [memcache] section: the memcached registrar
+        from .sidecar.memcache import main as registrar_main
+
+        return registrar_main(config)
     from .sidecar.loop import main as sidecar_main
 
     return sidecar_main(config)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from .errors import ConfigError
+    from .web.agent import main as agent_main, parse_agent_config
+
+    try:
+        with open(args.config, "rb") as f:
+            config = parse_agent_config(tomllib.load(f))
+    except OSError as e:
+        raise ConfigError(f"cannot read config {args.config}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {args.config} is not valid TOML: {e}") from None
+    return agent_main(config)
 
 
 def cmd_pg_guard(args: argparse.Namespace) -> int:
@@ -356,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("sidecar", help="run beside a PostgreSQL server: elect, promote, fence, rejoin")
     sc.add_argument("--config", required=True, help="TOML file (see examples/sidecar-postgres.toml)")
     sc.set_defaults(fn=cmd_sidecar)
+
+    ag = sub.add_parser("agent", help="per-host agent: watch etcd once for all web workers of this host")
+    ag.add_argument("--config", required=True, help="TOML file with [etcd] and [agent] (see docs/agent.md)")
+    ag.set_defaults(fn=cmd_agent)
 
     pg = sub.add_parser("pg", help="PostgreSQL helpers: the in-database write guard")
     pgsub = pg.add_subparsers(dest="action", required=True)

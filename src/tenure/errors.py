@@ -123,3 +123,28 @@ class UsedAfterFork(TenureError):
 
     The child has no keepalive, watch or connection behind it: make new ones there.
     """
+
+
+class MemcacheKeyError(TenureError, ValueError):
+    """A memcached key that cannot be sent: None or empty, not a string, too long, or with spaces or control characters.
+
+    The subclasses carry python-memcached's names as aliases on
+    :class:`tenure.web.memcache.Client` (``Client.MemcachedKeyError`` ...),
+    so code written for python-memcached catches them unchanged.
+    """
+
+
+class MemcacheKeyLengthError(MemcacheKeyError):
+    """A memcached key longer than the server's limit (250 bytes)."""
+
+
+class MemcacheKeyCharacterError(MemcacheKeyError):
+    """A memcached key with a space or a control character."""
+
+
+class MemcacheKeyNoneError(MemcacheKeyError):
+    """A memcached key that is None or empty."""
+
+
+class MemcacheKeyTypeError(MemcacheKeyError):
+    """A memcached key that is neither str nor bytes."""

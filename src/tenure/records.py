@@ -18,6 +18,8 @@ key                            record                                      bound
 ``restart/<member>``           :class:`RestartRecord`                      nothing (has a deadline)
 ``checkpoints/<name>``         :class:`CheckpointRecord` (a singleton      nothing (written
                                job's progress)                             through the fence)
+``ring/<epoch:020d>``          :class:`RingRecord` (a memcached pool's     nothing (kept, trimmed)
+                               placement, one per membership change)
 =============================  ==========================================  =====================
 
 Each record type has ``encode() -> bytes`` and ``decode(bytes)``; decode
@@ -115,6 +117,24 @@ def checkpoints_prefix(service: str) -> str:
 
 def checkpoint_key(service: str, name: str) -> str:
     return checkpoints_prefix(service) + check_name("checkpoint", name)
+
+
+RING_HISTORY = 128  # ring records kept per service; older epochs are deleted by the registrars
+
+
+def ring_prefix(service: str) -> str:
+    return service_prefix(service) + "ring/"
+
+
+def ring_key(service: str, epoch: int) -> str:
+    return f"{ring_prefix(service)}{epoch:020d}"
+
+
+def ring_epoch_of(service: str, key: str) -> int | None:
+    """The epoch of a ``ring/<epoch>`` key of ``service``, else None."""
+    prefix = ring_prefix(service)
+    rest = key[len(prefix):] if key.startswith(prefix) else ""
+    return int(rest) if len(rest) == 20 and rest.isdigit() and int(rest) > 0 else None
 
 
 def split_service_key(key: str) -> tuple[str, str] | None:
@@ -444,3 +464,80 @@ class CheckpointRecord:
             raise MalformedRecord("malformed checkpoint record: no 'value'")
         return cls(d["value"], check_token_field("checkpoint", d), _get("checkpoint", d, "member", str),
                    float(_get("checkpoint", d, "updated", (int, float), 0.0)))
+
+
+RING_HASHINGS = ("modulo", "rendezvous")
+MAX_RING_EPOCH = (1 << 24) - 1  # epochs travel in the upper 24 bits of memcached's 32-bit flags
+
+
+@dataclass(frozen=True)
+class RingMember:
+    """One server of a memcached pool's ring: ``slot`` orders the pool, ``live`` says whether it takes keys."""
+
+    member: str
+    address: str  # host:port
+    slot: int
+    live: bool
+
+
+@dataclass(frozen=True)
+class RingRecord:
+    """A memcached pool's placement at one epoch: which servers, in which order, with which hashing.
+
+    A new record (epoch + 1) is written whenever the set of live members,
+    an address or a slot changes, so every client sees the same sequence
+    of placements. ``servers`` are sorted by slot and keep absent members
+    (``live`` False) so that modulo hashing keeps its list.
+    ``legacy_epoch``: entries written without an epoch tag (by
+    python-memcached, over the same list) count as written at this epoch:
+    the newest one while the pool has only grown, frozen at the first
+    absence.
+    ``fresh_within`` bounds how old a client's view may be for it to use
+    the cache; ``settle`` is how long after a change writers also clear a
+    moved key on its previous owners.
+    """
+
+    epoch: int
+    hashing: str
+    servers: tuple[RingMember, ...]
+    legacy_epoch: int | None = None
+    fresh_within: float = 2.0
+    settle: float = 3.0
+    since: float = 0.0  # wall-clock time of the change, for display only
+
+    @property
+    def live(self) -> tuple[RingMember, ...]:
+        return tuple(s for s in self.servers if s.live)
+
+    def encode(self) -> bytes:
+        return _dumps({"epoch": self.epoch, "hashing": self.hashing, "servers": [asdict(s) for s in self.servers],
+                       "legacy_epoch": self.legacy_epoch, "fresh_within": self.fresh_within,
+                       "settle": self.settle, "since": self.since})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "RingRecord":
+        k = "ring"
+        d = _load(k, raw)
+        epoch = _get(k, d, "epoch", int)
+        if not 0 < epoch <= MAX_RING_EPOCH:
+            raise MalformedRecord(f"malformed ring record: epoch {epoch!r}")
+        hashing = _get(k, d, "hashing", str)
+        if hashing not in RING_HASHINGS:
+            raise MalformedRecord(f"malformed ring record: hashing {hashing!r}")
+        raw_servers = _get(k, d, "servers", list)
+        servers = []
+        for s in raw_servers:
+            if not isinstance(s, dict):
+                raise MalformedRecord(f"malformed ring record: server {s!r}")
+            servers.append(RingMember(_get(k, s, "member", str), _get(k, s, "address", str),
+                                      _get(k, s, "slot", int), _get(k, s, "live", bool)))
+        if [s.slot for s in servers] != sorted({s.slot for s in servers}) \
+                or len({s.member for s in servers}) != len(servers):
+            raise MalformedRecord("malformed ring record: slots must be distinct and sorted, members distinct")
+        legacy = _get(k, d, "legacy_epoch", int, None, nullable=True)
+        fresh = float(_get(k, d, "fresh_within", (int, float), 2.0))
+        settle = float(_get(k, d, "settle", (int, float), 3.0))
+        if not 0 < fresh <= settle:
+            raise MalformedRecord(f"malformed ring record: fresh_within {fresh!r} must be > 0 and <= settle {settle!r}")
+        return cls(epoch, hashing, tuple(servers), legacy, fresh, settle,
+                   float(_get(k, d, "since", (int, float), 0.0)))

@@ -27,7 +27,10 @@ def memcached_binary() -> str:
 
 
 class LocalMemcached:
-    """One memcached on 127.0.0.1; ``kill()`` is SIGKILL, ``restart()`` brings it back empty on the same port."""
+    """One memcached on 127.0.0.1: ``kill()`` SIGKILL, ``freeze()``/``thaw()`` SIGSTOP/SIGCONT, ``restart()`` empty.
+
+    The port is kept across restarts.
+    """
 
     def __init__(self, port: int | None = None, memory_mb: int = 64) -> None:
         self.host = "127.0.0.1"
@@ -80,6 +83,18 @@ class LocalMemcached:
             self.proc.wait(10)
             if self.proc.stderr is not None:
                 self.proc.stderr.close()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its data and its connections, and answers nothing (a VM pause, a GC stall)."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze`: it goes on with what it held, and with what was sent to it meanwhile."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> "LocalMemcached":
         self.kill()

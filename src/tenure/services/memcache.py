@@ -1,4 +1,4 @@
-"""memcached itself: address validation and a real health check, knowing nothing of etcd."""
+"""memcached itself: address validation, a real health check and a flush, knowing nothing of etcd."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pymemcache.client.base import Client as _Client
 from pymemcache.exceptions import MemcacheError
 
 from ..errors import ConfigError, ServiceError
+
 
 def check_address(host: object, port: object) -> tuple[str, int]:
     """``(host, port)`` if they name a memcached server, else ConfigError."""
@@ -36,6 +37,19 @@ def check_memcached(host: str, port: int, *, timeout: float = 0.5, key: str = "t
         return version.decode() if isinstance(version, bytes) else str(version)
     except (OSError, MemcacheError) as e:
         raise ServiceError(f"memcached {host}:{port} failed its health check: {e or type(e).__name__}",
+                           detail=str(e)) from None
+    finally:
+        c.close()
+
+
+def flush_memcached(host: str, port: int, *, timeout: float = 0.5) -> None:
+    """Empty the server (``flush_all``); raises :class:`~tenure.errors.ServiceError` if it did not confirm."""
+    c = _Client((host, port), connect_timeout=timeout, timeout=timeout, default_noreply=False)
+    try:
+        if not c.flush_all(noreply=False):
+            raise ServiceError(f"memcached {host}:{port} did not confirm flush_all")
+    except (OSError, MemcacheError) as e:
+        raise ServiceError(f"memcached {host}:{port} could not be flushed: {e or type(e).__name__}",
                            detail=str(e)) from None
     finally:
         c.close()

@@ -100,8 +100,10 @@ def _check_dsn(dsn: str) -> None:
                           "in a passfile ([postgres] passfile) instead")
 
 
-def parse_config(data: dict[str, Any]) -> SidecarConfig:
-    """Validate a configuration already read from TOML."""
+def parse_config(data: dict[str, Any]) -> "SidecarConfig | RegistrarConfig":
+    """Validate a configuration already read from TOML (a ``[memcache]`` section makes it a registrar's)."""
+    if "memcache" in data:
+        return parse_registrar_config(data)
     raw = dict(data)
     if "solr" in raw:
         return _parse_solr_config(raw)
@@ -187,7 +189,7 @@ def _check_common(cfg: SidecarConfig) -> SidecarConfig:
     return cfg
 
 
-def load_config(path: str) -> SidecarConfig:
+def load_config(path: str) -> "SidecarConfig | RegistrarConfig":
     """Read and validate a sidecar TOML file."""
     try:
         with open(path, "rb") as f:
@@ -199,3 +201,73 @@ def load_config(path: str) -> SidecarConfig:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
     return parse_config(data)
+
+
+# -- [memcache]: the registrar of one memcached server (no election) ------------------------------
+
+
+@dataclass(frozen=True)
+class MemcacheConfig:
+    """The ``[memcache]`` table: the local server, how clients reach it, and the pool's ring settings."""
+
+    port: int = 11211
+    host: str = "127.0.0.1"
+    advertise: str | None = None  # host:port clients use (default: host:port)
+    slot: int | None = None  # place in the pool's ordered list (default: lowest free at first join)
+    hashing: str = "modulo"  # or "rendezvous"; used when the pool has no ring yet
+    interval: float | None = None  # seconds between checks (default and maximum: ttl/3)
+    timeout: float = 0.5
+    fresh_within: float = 2.0  # see docs/memcache.md
+    settle: float = 3.0
+
+
+@dataclass(frozen=True)
+class RegistrarConfig:
+    """A sidecar config with ``[etcd]`` and ``[memcache]``: ``tenure sidecar`` runs the memcached registrar."""
+
+    service: str
+    member: str
+    etcd: EtcdConfig
+    memcache: MemcacheConfig
+    ttl: int = 2
+
+
+def parse_registrar_config(data: dict[str, Any]) -> RegistrarConfig:
+    """Validate a registrar configuration already read from TOML."""
+    from ..records import RING_HASHINGS
+    from ..services.memcache import check_address
+
+    raw = dict(data)
+    if "postgres" in raw:
+        raise ConfigError("a sidecar config has either a [postgres] or a [memcache] section, not both "
+                          "(run one sidecar per server)")
+    if "etcd" not in raw:
+        raise ConfigError("missing section [etcd]")
+    etcd = parse_etcd_section(raw["etcd"])
+    m = build_section(MemcacheConfig, "memcache", raw["memcache"])
+    check_address(m.host, m.port)
+    if m.advertise is not None:
+        host, sep, port = m.advertise.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"[memcache] advertise must be 'host:port', got {m.advertise!r}")
+        check_address(host, int(port))
+    if m.slot is not None and m.slot < 0:
+        raise ConfigError(f"[memcache] slot must be >= 0, got {m.slot}")
+    if m.hashing not in RING_HASHINGS:
+        raise ConfigError(f"[memcache] hashing must be one of {', '.join(RING_HASHINGS)}, got {m.hashing!r}")
+    for name in ("interval", "timeout", "fresh_within", "settle"):
+        v = getattr(m, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ConfigError(f"[memcache] {name} must be a number of seconds > 0, got {v!r}")
+    if not 1.0 < m.fresh_within < m.settle:
+        raise ConfigError(f"[memcache] fresh_within must be above 1 s (the watch's progress interval) and below "
+                          f"settle, got {m.fresh_within} and {m.settle}")
+    top = {k: v for k, v in raw.items() if k not in ("etcd", "memcache")}
+    cfg = build_section(RegistrarConfig, "top level", {**top, "etcd": etcd, "memcache": m})
+    check_name("service", cfg.service)
+    check_name("member", cfg.member)
+    if cfg.ttl != int(cfg.ttl) or not 1 <= cfg.ttl <= 3600:
+        raise ConfigError(f"ttl must be whole seconds between 1 and 3600, got {cfg.ttl}")
+    if m.interval is not None and m.interval > cfg.ttl / 3:
+        raise ConfigError(f"[memcache] interval must be at most ttl/3 = {cfg.ttl / 3:.2f} s, got {m.interval}")
+    return cfg

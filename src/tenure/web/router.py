@@ -48,7 +48,7 @@ from .state import EMPTY, Endpoint, ServiceState, parse_state, relevant
 
 if TYPE_CHECKING:
     from .http import HttpServiceView
-    from .memcache import RingClient
+    from .memcache import Client as MemcacheClient
     from .postgres import PostgresProvider
     from .solr import SolrView
 
@@ -75,7 +75,7 @@ class ServiceView:
     """
 
     __slots__ = ("name", "_router", "_state", "_heard", "_gen", "_stale_after", "_watch", "_kvs", "_cond",
-                 "_ready", "_callbacks", "_deliver_lock", "_delivered", "_warned_missing", "__weakref__")
+                 "_ready", "_callbacks", "_deliver_lock", "_delivered", "_warned_missing", "_rings", "__weakref__")
 
     def __init__(self, router: "Router", name: str) -> None:
         self.name = name
@@ -96,6 +96,7 @@ class ServiceView:
         self._deliver_lock = threading.RLock()
         self._delivered: tuple[Any, ...] | None = None
         self._warned_missing = False
+        self._rings: tuple[KeyValue, ...] = ()
 
     # -- the hot path: plain reads -----------------------------------------
 
@@ -177,6 +178,11 @@ class ServiceView:
             return f"{self.name!r} has no primary (failover in progress?)"
         return f"etcd not heard from for {self.stale_for:.1f} s (bound {self._stale_after:g} s)"
 
+    @property
+    def ring_records(self) -> tuple[KeyValue, ...]:
+        """The service's memcached ring records (``ring/<epoch>`` keys) as last received, oldest first."""
+        return self._rings
+
     def peek(self) -> ServiceState:
         """The state as last received, without starting a watch (safe in a pre-fork master and in callbacks)."""
         return self._state
@@ -252,7 +258,7 @@ class ServiceView:
         self._router._start_view(self)
 
     def _relevant(self, key: str) -> bool:
-        return relevant(self.name, key)
+        return relevant(self.name, key) or records.ring_epoch_of(self.name, key) is not None
 
     def _on_snapshot(self, kvs: list[KeyValue], revision: int) -> None:
         self._heard = _monotonic()
@@ -277,6 +283,7 @@ class ServiceView:
     def _update(self, revision: int, exists: bool) -> None:
         prev = self._state
         state = parse_state(self.name, self._kvs, revision, exists)
+        self._rings = tuple(kv for k, kv in sorted(self._kvs.items()) if records.ring_epoch_of(self.name, k))
         self._state = state
         if state.exists is False and not self._warned_missing:
             self._warned_missing = True
@@ -313,7 +320,8 @@ class ServiceView:
             (name, s.member_revisions.get(name, 0), rec.get("dsn"), rec.get("address"), rec.get("role"),
              rec.get("healthy"), rec.get("streaming"))
             for name, rec in s.members.items()))
-        return (s.primary, s.replicas, members, self.valid_primary() is None)
+        rings = tuple(kv.mod_revision for kv in self._rings)
+        return (s.primary, s.replicas, members, rings, self.valid_primary() is None)
 
     def _deliver(self) -> None:
         # Under the lock, callbacks included: they run one at a time and see changes in order.
@@ -382,7 +390,7 @@ class Router:
         self._clock: threading.Thread | None = None
         self._clock_stop = threading.Event()
         self._providers: dict[str, PostgresProvider] = {}
-        self._rings: dict[str, RingClient] = {}
+        self._rings: dict[str, MemcacheClient] = {}
         self._inherited: list[Any] = []  # a parent's objects, kept (not closed) so that GC does not close them
         self._closed = False
         _ROUTERS.add(self)
@@ -457,16 +465,16 @@ class Router:
                     self._providers[service] = provider
         return provider
 
-    def memcache(self, service: str, **settings: Any) -> "RingClient":
-        """A pymemcache ``HashClient`` over the live members of ``service``, kept in sync with etcd."""
+    def memcache(self, service: str, **settings: Any) -> "MemcacheClient":
+        """A python-memcached compatible client over the ring of ``service`` (one per router; see docs/memcache.md)."""
         ring = self._rings.get(service)
         if ring is None:
-            from .memcache import RingClient
+            from .memcache import Client as MemcacheClient
 
             with self._lock:
                 ring = self._rings.get(service)
                 if ring is None:
-                    ring = RingClient(self.service(service), **settings)
+                    ring = MemcacheClient(self.service(service), **settings)
                     self._rings[service] = ring
         return ring
 

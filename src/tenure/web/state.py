@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .. import records
 from ..errors import MalformedRecord
-from ..etcd import KeyValue
 from ..records import LeaderRecord, MemberRecord, PrimaryRecord
+
+if TYPE_CHECKING:
+    from ..etcd import KeyValue
 
 log = logging.getLogger("tenure.web")
 
