@@ -107,7 +107,7 @@ def main() -> int:
         servers = {f"db{i + 1}": (s.node.port, s.http_port) for i, s in enumerate(cluster.sidecars)}
         with open(CONFIG) as f:
             proxy = LocalHaproxy(f.read(), servers, [5000, 5001]).start()
-        dsn = f"host=127.0.0.1 port={proxy.port(5000)} user=postgres dbname=postgres"
+        dsn = f"host=127.0.0.1 port={proxy.port(5000)} user=postgres dbname=app"
         hgaps, hswitch = [], []
         for i in range(args.haproxy_rounds):
             settle(cluster)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import os
 import subprocess
 import sys
@@ -34,7 +36,8 @@ def test_election_and_cli_over_client_certificate_tls(tls_etcd: LocalEtcd, servi
     try:
         flags = run_cli("--endpoints", ",".join(tls_etcd.endpoints), "--ca-cert", certs.ca, "--cert",
                         certs.client_cert, "--key", certs.client_key, "status", service)
-        assert flags.returncode == 0 and f"leader a (token {leadership.token}" in flags.stdout, flags.stderr
+        assert flags.returncode == 0 and re.search(rf"^\s+a\s+leader\b.*\s{leadership.token}\s", flags.stdout, re.M), \
+            (flags.stdout, flags.stderr)
         env = run_cli("history", service, env={"TENURE_ENDPOINTS": ",".join(tls_etcd.endpoints),
                                                "TENURE_CA_CERT": certs.ca, "TENURE_CERT": certs.client_cert,
                                                "TENURE_KEY": certs.client_key})
@@ -43,7 +46,7 @@ def test_election_and_cli_over_client_certificate_tls(tls_etcd: LocalEtcd, servi
         cfg.write_text(f'[etcd]\nendpoints = {list(tls_etcd.endpoints)!r}\nca_cert = "{certs.ca}"\n'
                        f'cert = "{certs.client_cert}"\nkey = "{certs.client_key}"\n'.replace("'", '"'))
         viafile = run_cli("--etcd-config", str(cfg), "status", service)
-        assert viafile.returncode == 0 and "leader a" in viafile.stdout, viafile.stderr
+        assert viafile.returncode == 0 and re.search(r"^\s+a\s+leader\b", viafile.stdout, re.M), viafile.stderr
         # A wrong CA is reported as a TLS failure at once, not as "unavailable" after the whole budget.
         bad = run_cli("--endpoints", ",".join(tls_etcd.endpoints), "--ca-cert", certs.other_ca, "--cert",
                       certs.client_cert, "--key", certs.client_key, "status", service)

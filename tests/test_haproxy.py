@@ -34,7 +34,7 @@ def lab(etcd: LocalEtcd) -> Iterator[tuple[FailoverCluster, LocalHaproxy]]:
 
 
 def dsn(proxy: LocalHaproxy, port: int) -> str:
-    return f"host=127.0.0.1 port={proxy.port(port)} user=postgres dbname=postgres"
+    return f"host=127.0.0.1 port={proxy.port(port)} user=postgres dbname=app"
 
 
 def can_read(d: str) -> bool:

@@ -378,7 +378,7 @@ class PostgresPolicy:
                     return False  # nothing was changed yet: writes go on
                 while time.monotonic() < drain_until and _open_transactions(conn) > 0:
                     time.sleep(0.005)
-                pg_guard.expire_guard(conn)
+                self.refuse_writes()  # every guarded database, and no renewal re-arms it meanwhile
                 conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
                 conn.execute("SELECT pg_reload_conf()")
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -409,7 +409,10 @@ class PostgresPolicy:
         if not self.node.is_running():
             self.node.start()
         self.node.allow_writes()
-        self._renew_guard(leadership)
+        if leadership.is_valid():
+            with self._guard_lock:  # the renewal hook registered at promotion applies again to this token
+                self._guard_token, self._guard_deadline = leadership.token, leadership.deadline
+            self._renew_guard()
 
     def snapshot(self) -> dict[str, Any]:
         st = self.last_status
