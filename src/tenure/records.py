@@ -442,6 +442,7 @@ class RestartRecord:
                    float(_get(k, d, "deadline", (int, float))))
 
 
+@dataclass(frozen=True)
 class CheckpointRecord:
     """How far a singleton job got: ``value`` is the job's own JSON (an offset, a timestamp...).
 
