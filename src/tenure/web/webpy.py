@@ -26,9 +26,9 @@ session, so reads never become errors; any other request gets
 ``role="reader"``: reads go to a streaming standby no further behind the
 primary than ``max_lag_bytes`` (from the WAL positions the sidecars publish),
 else the primary, else any healthy standby (with no primary at all, reads go
-on from the standbys). Every reader session is read-only. A query that loses
-its connection outside an explicit transaction is run once more on the next
-server.
+on from the standbys). Every reader session is read-only. A read (a reader's
+query, or a query of a request that only reads) that loses its connection
+outside an explicit transaction is run once more on the next server.
 
 web.py's own driver list has only psycopg2; ``driver="psycopg"`` uses
 psycopg 3 instead.
@@ -329,10 +329,11 @@ class RoutedDB(web.db.PostgresDB):
             return super().query(sql_query, vars, processed, _test)
         except Exception as e:
             ctx = self._ctx
-            # Once more only for a read session that connected and then lost its server, outside a
-            # transaction (a connect that failed has already tried every candidate).
-            if (in_transaction or ctx.get("db") is None or not ctx.get("tenure_read_session")
-                    or classify(e) != UNAVAILABLE):
+            # Once more only for a read -- a read session, or a request that only reads on the primary's
+            # object (it then falls back to a standby) -- that connected and then lost its server, outside
+            # a transaction (a connect that failed has already tried every candidate).
+            reading = ctx.get("tenure_read_session") or (self.read_fallback and _request_only_reads())
+            if in_transaction or ctx.get("db") is None or not reading or classify(e) != UNAVAILABLE:
                 raise
             endpoint = self._ctx.get("tenure_endpoint")
             if endpoint is not None:
