@@ -51,6 +51,22 @@ class SolrPolicy:
         self._in_sync_at = 0.0  # monotonic time of the last fetch that left it at the leader's generation
         self._next_fetch = 0.0
 
+    def preflight(self) -> None:
+        """Nothing to check before the first probe: a core that is down is judged by the probes like any outage."""
+
+    def term_timeline(self, st: NodeState) -> int | None:
+        """Solr has no timelines: its terms are ranked by index generation alone."""
+        return None
+
+    def final_position(self) -> int | None:
+        """No position to wait for on a clean stop: followers copy whole committed indexes."""
+        return None
+
+    def hand_over(self, host: Host, leadership: "Leadership", target: str, deadline: float) -> bool:
+        """Planned handover is not offered for Solr: refused, nothing changed (stop the leader's sidecar instead)."""
+        host.note("switchover refused: not supported for Solr; stop the leader's sidecar to hand over", target=target)
+        return False
+
     def status(self) -> NodeState:
         try:
             self.node.ping()
