@@ -330,9 +330,8 @@ def test_a_write_to_a_frozen_server_never_overtakes_a_newer_one(servers: list[Lo
         assert mc.get("k") is None, "skipped for dead_retry: a miss at once"
     finally:
         s.thaw()
-    wait_for(lambda: mc.get("k") is not None, 5, "the server to answer again")
-    # v2 ran when the server resumed, before anything sent later on the same connection.
-    assert mc.get("k") == "v2"
+    # v2 runs when the server resumes (a read on another connection may still see v1 a moment before).
+    wait_for(lambda: mc.get("k") == "v2", 5, "the late v2 to run once the server answers again")
     assert mc.set("k", "v3") and mc.get("k") == "v3"
 
 
