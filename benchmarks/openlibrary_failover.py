@@ -29,8 +29,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
+from tenure.lab.wait import wait_for
 from tenure.lab.openlibrary import (Load, OpenLibraryLab, first_write, post_gap, run_faults,  # noqa: E402
-                                    streams, wait_until)
+                                    streams)
 
 EXAMPLES = os.path.join(os.path.dirname(HERE), "examples", "openlibrary")
 
@@ -42,7 +43,7 @@ def one_round(workers: int) -> dict[str, dict[str, list[float]]]:
         lab.warm()
         load = Load(streams(lab))
         try:
-            wait_until(lambda: sum(r.status == 200 and r.method == "POST" for r in load.snapshot()) > 20, 30,
+            wait_for(lambda: sum(r.status == 200 and r.method == "POST" for r in load.snapshot()) > 20, 30,
                        "writes flowing")
             events = run_faults(lab, load)
         finally:

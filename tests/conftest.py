@@ -7,6 +7,7 @@ from typing import Iterator
 import pytest
 
 import tenure
+from tenure.lab.cluster import FailoverCluster
 from tenure.lab.etcd import LocalEtcd
 
 from support import PG_BIN, LocalPostgres
@@ -51,6 +52,17 @@ def postgres() -> Iterator[LocalPostgres]:
     pg = LocalPostgres().start()
     yield pg
     pg.stop()
+
+
+@pytest.fixture
+def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
+    """Three PostgreSQL nodes with a sidecar process each (settings from ``request.param``); their logs on failure."""
+    c = FailoverCluster(etcd, service, **getattr(request, "param", {}))
+    yield c
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(c.logs())  # the sidecars' own account of what they did, next to the failure
+    c.stop()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
-from typing import Any, Callable
+from typing import Any
 
+from tenure.lab.wait import wait_for  # noqa: F401 (the tests import it from here)
 from tenure.lab.candidate import CandidateProcess as CandidateProc
 from tenure.lab.postgres import LocalPostgres as _LocalPostgres
 
 PG_BIN = os.environ.get("TENURE_PG_BIN", "/usr/lib/postgresql/15/bin")
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def current_leaders(cands: list[CandidateProc]) -> list[CandidateProc]:

@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 import tomllib
 from typing import Any, Iterator
 
@@ -26,8 +25,9 @@ import yaml
 
 from tenure.errors import ConfigError
 from tenure.lab.etcd import etcd_binary
+from tenure.lab.wait import wait_for
 from tenure.lab.openlibrary import (Haproxy, Load, OpenLibraryLab, Target, first_write, post_gap, render_haproxy,
-                                    run_faults, served_by, streams, wait_until)
+                                    run_faults, served_by, streams)
 from tenure.sidecar.config import parse_config
 from tenure.web import Router
 from tenure.web.webpy import web_settings
@@ -159,7 +159,7 @@ def test_both_phases_through_a_primary_crash_and_a_switchover(lab: OpenLibraryLa
     watch = PrimaryWatch(lab.haproxy)
     load = Load(streams(lab))
     try:
-        wait_until(lambda: sum(r.status == 200 and r.method == "POST" for r in load.snapshot()) > 20, 30,
+        wait_for(lambda: sum(r.status == 200 and r.method == "POST" for r in load.snapshot()) > 20, 30,
                    "writes flowing")
         events = run_faults(lab, load)
     finally:

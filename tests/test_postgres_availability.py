@@ -5,27 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Iterator
 
 import psycopg
-import pytest
 
 from tenure.lab.cluster import FailoverCluster, postmaster_pid
-from tenure.lab.etcd import LocalEtcd
 
 from support import wait_for
 
 TTL = 2
-
-
-@pytest.fixture
-def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
-    c = FailoverCluster(etcd, service, **getattr(request, "param", {}))
-    yield c
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(c.logs())
-    c.stop()
 
 
 def assert_no_failover(cluster: FailoverCluster, first: dict, seconds: float) -> None:

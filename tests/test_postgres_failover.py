@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Iterator
 
 import psycopg
 import pytest
@@ -18,17 +17,6 @@ from pgfailover import Writer
 from support import wait_for
 
 TTL = 2
-
-
-@pytest.fixture
-def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
-    settings = getattr(request, "param", {})
-    c = FailoverCluster(etcd, service, **settings)
-    yield c
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(c.logs())  # the sidecars' own account of what they did, next to the failure
-    c.stop()
 
 
 def write_one(dsn: str, row_id: int, writer: str = "test") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -18,16 +18,6 @@ from pgfailover import CuttableProxy, FollowingWriter, Writer
 from support import wait_for
 
 TTL = 2
-
-
-@pytest.fixture
-def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
-    c = FailoverCluster(etcd, service, **getattr(request, "param", {}))
-    yield c
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(c.logs())
-    c.stop()
 
 
 def member_record(cluster: FailoverCluster, member: str) -> dict[str, Any]:

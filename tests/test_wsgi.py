@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
 import pytest
@@ -174,16 +174,6 @@ class Load:
     def snapshot(self) -> list[Result]:
         with self.lock:
             return list(self.results)
-
-
-@pytest.fixture
-def cluster(etcd: LocalEtcd, service: str, request: pytest.FixtureRequest) -> Iterator[FailoverCluster]:
-    c = FailoverCluster(etcd, service)
-    yield c
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(c.logs())
-    c.stop()
 
 
 def test_gunicorn_workers_go_read_only_during_failover_and_write_to_the_new_primary(

@@ -29,10 +29,11 @@ import threading
 import time
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ..errors import TenureError
 from .etcd import LocalEtcd, Member, etcd_binary, free_ports
+from .wait import wait_for
 
 # Keys of an example sidecar file that describe the node's place, not how tenure behaves there.
 _LOCAL_TOP = {"service", "member", "listen"}
@@ -132,7 +133,7 @@ class Haproxy:
         m = re.search(r"stats socket (\S+)", config)
         self.socket = m.group(1) if m else None
         if self.socket is not None:
-            wait_until(lambda: os.path.exists(self.socket or "") or self.proc.poll() is not None, 10,
+            wait_for(lambda: os.path.exists(self.socket or "") or self.proc.poll() is not None, 10,
                        "haproxy's stats socket")
             if self.proc.poll() is not None:
                 raise TenureError(f"haproxy exited at start; see {self.log_path}")
@@ -270,18 +271,6 @@ class Load:
         return self.snapshot()
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it is truthy; TenureError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TenureError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- the whole setup: example configs on a lab cluster, both phases' apps --------------------------
 
 PHASES = ("phase1", "phase2")
@@ -363,8 +352,8 @@ class OpenLibraryLab:
                 return False
 
         for phase, g in self.apps.items():
-            wait_until(lambda: ok(g.port, "GET", "/"), timeout, f"{phase}: GET / 200")
-            wait_until(lambda: ok(g.port, "POST", f"/items?id={next(ids)}"), timeout, f"{phase}: POST 200")
+            wait_for(lambda: ok(g.port, "GET", "/"), timeout, f"{phase}: GET / 200")
+            wait_for(lambda: ok(g.port, "POST", f"/items?id={next(ids)}"), timeout, f"{phase}: POST 200")
 
     def logs(self) -> str:
         out = [self.cluster.logs()] if self.cluster is not None else []
@@ -440,7 +429,7 @@ def run_faults(lab: OpenLibraryLab, load: Load, kinds: tuple[str, ...] = ("crash
             recs = read_members(cluster.client, cluster.service)
             return all(m in recs and recs[m].healthy and (m == old or recs[m].streaming) for m in live)
 
-        wait_until(whole, timeout, "every live standby streaming from the primary")
+        wait_for(whole, timeout, "every live standby streaming from the primary")
         at = time.monotonic()
         if kind == "crash":
             cluster.sidecar(old).kill_with_postgres()
@@ -449,11 +438,11 @@ def run_faults(lab: OpenLibraryLab, load: Load, kinds: tuple[str, ...] = ("crash
         new = cluster.wait_primary(timeout, not_member=old)["member"]
         published = time.monotonic()
         for phase in lab.apps:
-            wait_until(lambda: any(r.app == phase and r.method == "POST" and r.path.startswith("/items")
+            wait_for(lambda: any(r.app == phase and r.method == "POST" and r.path.startswith("/items")
                                    and r.start > at and served_by(lab, r) == new for r in load.snapshot()),
                        timeout, f"{phase}: a write on {new} after the {kind}")
         end = time.monotonic() + settle
-        wait_until(lambda: time.monotonic() > end, settle + 1, "settling")
+        wait_for(lambda: time.monotonic() > end, settle + 1, "settling")
         events.append(Event(kind, at, old, new, published))
     return events
 

@@ -8,10 +8,7 @@ request rather than guess).
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
-
-from ..errors import WaitTimeout
 
 if TYPE_CHECKING:
     from .router import ServiceView
@@ -36,12 +33,5 @@ class HttpServiceView:
         return p.token if p is not None else None
 
     def wait_for_url(self, timeout: float) -> str:
-        """Block until an instance is active and return its URL (WaitTimeout after ``timeout`` s)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            url = self.url
-            if url is not None:
-                return url
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(f"no active instance of {self.view.name!r} within {timeout} s: {self.view.reason}")
-            time.sleep(0.02)
+        """Block until an instance is active and return its URL (as :meth:`ServiceView.wait_for_primary`)."""
+        return self.view.wait_for_primary(timeout).dsn

@@ -15,10 +15,9 @@ follows failovers live:
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..errors import ConfigError, WaitTimeout
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .router import ServiceView
@@ -69,15 +68,8 @@ class SolrView:
         return tuple(_by_position([m for m in followers.values() if _int(m.get("position")) == newest]))
 
     def wait_for_leader(self, timeout: float) -> str:
-        """Block until there is a valid leader and return its URL (WaitTimeout after ``timeout`` s)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            url = self.leader
-            if url is not None:
-                return url
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(f"no Solr leader for {self.view.name!r} within {timeout} s: {self.view.reason}")
-            time.sleep(0.02)
+        """Block until there is a valid leader and return its URL (as :meth:`ServiceView.wait_for_primary`)."""
+        return self.view.wait_for_primary(timeout).dsn
 
 
 def _by_position(members: list[Mapping[str, Any]]) -> list[str]:
