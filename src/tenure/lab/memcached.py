@@ -89,6 +89,7 @@ class LocalMemcached:
         if self.alive:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGSTOP)
+            _wait_stopped(self.proc.pid)
 
     def thaw(self) -> None:
         """SIGCONT after :meth:`freeze`: it goes on with what it held, and with what was sent to it meanwhile."""
@@ -107,3 +108,21 @@ class LocalMemcached:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Return once every thread of ``pid`` is stopped: kill() returns before a busy worker thread has halted."""
+    deadline = time.monotonic() + timeout
+    task_dir = f"/proc/{pid}/task"
+    while time.monotonic() < deadline:
+        try:
+            states = []
+            for tid in os.listdir(task_dir):
+                with open(f"{task_dir}/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return  # gone: nothing left to answer
+        if all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.005)
+    raise TenureError(f"memcached {pid} did not stop within {timeout} s of SIGSTOP")
