@@ -114,7 +114,7 @@ def test_a_thousand_idle_http_connections_change_nothing(cluster: FailoverCluste
 
 
 def test_a_node_whose_rewind_fails_is_recloned(cluster: FailoverCluster) -> None:
-    first = cluster.wait_primary(30)
+    first = cluster.wait_streaming(30)  # only a standby seen streaming from the primary may take over
     old = cluster.sidecar(first["member"])
     old.kill_with_postgres()
     new = cluster.wait_primary(2 * TTL + 10, not_member=first["member"])

@@ -227,6 +227,7 @@ def test_no_password_leaves_the_node(etcd: LocalEtcd, service: str) -> None:
             with psycopg.connect(n.dsn, autocommit=True) as conn:
                 conn.execute("SELECT pg_reload_conf()")
         authed = lambda dsn: f"{dsn} passfile={passfile}"  # noqa: E731
+        cluster.wait_streaming(30)  # only a standby seen streaming from the primary may take over
         cluster.sidecar(first["member"]).kill_with_postgres()
         new = cluster.wait_primary(2 * TTL + 10, not_member=first["member"])
         with psycopg.connect(authed(new["dsn"]), autocommit=True) as conn:

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from .. import connect
+from .. import connect, records
 from .etcd import LocalEtcd, free_ports
 from .postgres import LocalPostgresCluster
 from ..services.postgres import PostgresNode
@@ -150,7 +150,7 @@ class FailoverCluster:
             s.start()
 
     def primary(self) -> dict[str, Any] | None:
-        kv = self.client.get(f"svc/{self.service}/primary")
+        kv = self.client.get(records.primary_key(self.service))
         return kv.json() if kv is not None else None
 
     def wait_primary(self, timeout: float, not_member: str | None = None) -> dict[str, Any]:
@@ -162,6 +162,22 @@ class FailoverCluster:
                 return p
             time.sleep(0.01)
         raise TimeoutError(f"no published primary other than {not_member} within {timeout} s")
+
+    def wait_streaming(self, timeout: float) -> dict[str, Any]:
+        """Wait for a primary and for every other node to answer ``/replica`` 200 (streaming from it); the primary.
+
+        Only a standby seen streaming from the primary may take over, so a crash test starts from here.
+        """
+        end = time.monotonic() + timeout
+        first = self.wait_primary(timeout)
+        for s in self.sidecars:
+            if s.node.name == first["member"]:
+                continue
+            while s.http("/replica")[0] != 200:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{s.node.name} not streaming from {first['member']} within {timeout} s")
+                time.sleep(0.02)
+        return first
 
     def app_dsn(self, member: str) -> str:
         """How to reach the application's database on ``member``'s server."""
