@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def campaign() -> None:
         while True:
-            leadership = election.campaign()
+            try:
+                leadership = election.campaign()
+            except TenureError as e:
+                # campaign() raises what waiting cannot fix; a candidate process keeps standing regardless,
+                # and says why it had to start over.
+                logging.getLogger("tenure.lab").warning("%s: campaign failed (%s: %s); campaigning again",
+                                                        args.member, type(e).__name__, e)
+                time.sleep(0.1)
+                continue
             held.append(leadership)  # before telling anyone, so a 'resign' right after finds it
             emit(ev="elected", member=args.member, token=leadership.token, t=time.monotonic(),
                  deadline=leadership.deadline)

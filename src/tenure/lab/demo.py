@@ -103,7 +103,10 @@ def run_election(ttl: int = 2, out: TextIO | None = None) -> int:
 
         def resign() -> float:
             say(f"{third.member} resigns")
-            return third.request("resign")["t"]
+            # The time before the request: the successor may be elected before the resign call returns.
+            t = time.monotonic()
+            third.request("resign")
+            return t
 
         step("resign", resign, f"after {third.member} resigned")
 
