@@ -207,8 +207,8 @@ def resign_round(g: Group, res: Result, rnd: int) -> None:
     except Timeout as e:
         res.failures.append(f"round {rnd}: no single leader before resign: {e}")
         return
-    # Let the leader's process settle into its term: _candidate answers a resign sent in the
-    # instant after "elected" with a reply for its previous term (see the report).
+    # Let the leader's process settle into its term: a candidate answers a resign sent in the
+    # instant after "elected" with a reply for its previous term.
     time.sleep(max(0.0, elected["t"] + 0.2 - time.monotonic()))
     marks, obs_mark, old_mark = g.marks(), g.observer.mark(), old.mark()  # type: ignore[union-attr]
     t_sent = time.monotonic()
